@@ -1,0 +1,1 @@
+"""aha's trainer: config, GRPO math, the training loop and the `aha` command."""

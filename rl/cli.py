@@ -1,0 +1,98 @@
+"""The `aha` command: train a recipe, list the shipped recipes.
+
+    aha train [RECIPE] [key.sub=value ...]     RECIPE: a shipped recipe name or a YAML path (default: default)
+    aha recipes                                the shipped recipes with their one-line descriptions
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipe name -> file, for the YAML files shipped in recipes/."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A shipped recipe name (`default`) or a path to a YAML file; a missing one is reported by load_config."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return shipped_recipes().get(name_or_path, path)
+
+
+def recipe_description(path: Path) -> str:
+    """The recipe's `description:` field, else its first comment line."""
+    text = path.read_text()
+    data = yaml.safe_load(text) or {}
+    if isinstance(data, dict) and data.get("description"):
+        return str(data["description"])
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rl.config import load_config
+    from rl.train import train
+
+    items = list(args.items)
+    recipe = "default"
+    if items and "=" not in items[0]:
+        recipe = items.pop(0)
+    config = load_config(resolve_recipe(recipe), items)
+    run_dir = train(config)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    recipes = shipped_recipes()
+    width = max((len(n) for n in recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aha", description="GRPO training that makes reasoning emerge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe", description="Train with GRPO.")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="RECIPE | key=value",
+        help="a shipped recipe name or YAML path (default: default), then overrides like train.steps=10",
+    )
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rewards import RewardError
+    from rl.errors import AhaError
+    from rollouts import EngineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AhaError, RewardError, EngineError) as err:
+        print(f"aha: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aha: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

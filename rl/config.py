@@ -1,0 +1,367 @@
+"""The one typed config of a run: every field documented once, unknown keys are errors.
+
+A recipe (YAML in `recipes/`) holds only overrides of these defaults. `aha train RECIPE key.sub=value ...`
+applies command-line overrides on top. Validation names the bad key, suggests the closest valid one, and says
+what to change for wrong types and impossible values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rewards import RewardSpec
+from rl.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: str = "aha-tiny"
+    """HF model directory or hub id, or `aha-tiny` (the small arithmetic base model shipped with aha)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for the policy (and the reference model when KL is on)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:arithmetic"
+    """Where prompts come from: a local .jsonl/.json/.parquet file, a hub dataset id, or `builtin:arithmetic`."""
+    split: str = "train"
+    """Dataset split used for training (hub datasets)."""
+    prompt_key: str = "prompt"
+    """Column holding the question text."""
+    template: Literal["plain", "r1_zero", "boxed", "chat"] = "plain"
+    """How a question becomes a prompt: as is, the R1-Zero template, a \\boxed{} math instruction, or the
+    tokenizer's chat template."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this (after the template) are an error."""
+    limit: int | None = None
+    """Use only the first N rows (handy for smoke runs)."""
+
+
+@dataclass
+class TransformersEngineConfig:
+    max_batch_size: int = 256
+    """Most sequences decoded at once."""
+
+
+@dataclass
+class VLLMEngineConfig:
+    gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory vLLM may take (weights + KV cache) when colocated with the trainer."""
+    sleep_level: Literal[0, 1, 2] = 1
+    """Sleep mode during the update: 0 off, 1 release the KV cache, 2 release the KV cache and the weights."""
+    max_model_len: int | None = None
+    """Context length of the engine (null: data.max_prompt_tokens + rollout.max_new_tokens)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / torch.compile in vLLM (faster start, slower decoding)."""
+    cpu_kv_cache_gib: int = 2
+    """KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "transformers"
+    """Rollout engine: `transformers` (works everywhere) or `vllm`."""
+    group_size: int = 8
+    """G: completions sampled per prompt. A group is the unit of sampling, reward and advantage."""
+    max_new_tokens: int = 128
+    """Token limit of a completion; completions that hit it count as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer's log-probs use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings; the completion ends with (and includes) the first one produced."""
+    transformers: TransformersEngineConfig = field(default_factory=TransformersEngineConfig)
+    """Options of the transformers engine."""
+    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+    """Options of the vLLM engine."""
+
+
+@dataclass
+class AlgorithmConfig:
+    baseline: Literal["mean", "loo"] = "mean"
+    """Advantage baseline: group mean (GRPO) or leave-one-out mean (RLOO)."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: / group std (GRPO), / batch std, or none (Dr. GRPO)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    """Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO)."""
+    clip_low: float = 0.2
+    """PPO clip range below 1: ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO clip range above 1 (DAPO clip-higher uses 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 on the loss of negative-advantage tokens; null = off."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference policy. 0 = no reference model is loaded (R1-Zero)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (Schulman 2020)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token's loss by min(pi_train / pi_rollout, tis_cap) to correct
+    for the rollout engine's numerics differing from the trainer's (Yao et al. 2025). null = off."""
+    epochs: int = 1
+    """Passes over each generation batch (PPO inner epochs)."""
+    minibatches: int = 1
+    """Optimizer steps per pass: the batch's groups are split into this many mini-batches."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up: constant, linear decay to 0, or cosine decay to 0."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to lr."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Training steps (one step = one generation batch)."""
+    prompts_per_step: int = 16
+    """Prompts (groups) per step; the step samples prompts_per_step * group_size completions."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass; gradients accumulate over a mini-batch."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the policy runs: auto picks CUDA when available."""
+    threads: int | None = None
+    """CPU threads for torch (null = torch's default)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "aha"
+    """Run name; the run directory is <dir>/<name>."""
+    dir: str = "runs"
+    """Parent directory of run directories."""
+    log_every: int = 1
+    """Print a console line every N steps."""
+    save_model: bool = True
+    """Save the final policy with save_pretrained into <run>/model."""
+
+
+@dataclass
+class Config:
+    description: str = ""
+    """One line shown by `aha recipes`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math")])
+    """Reward functions with weights: [{name: math, weight: 1.0}, {name: format, weight: 0.1}]."""
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (int -> float, mapping -> dataclass)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}{extra}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in the config classes, not the recipe
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            extra = f"; did you mean {(prefix + '.' if prefix else '') + hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown config key {full!r}{extra} (valid keys here: {', '.join(names)})")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """`train.steps=10` -> {"train": {"steps": 10}}; the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.steps=10)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    nested: dict = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- recipe file <- `key=value` overrides, validated into a Config."""
+    values: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path} (see `aha recipes` for the shipped ones)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of config sections, got {type(loaded).__name__}")
+        values = loaded or {}
+    for text in overrides:
+        values = _deep_merge(values, parse_override(text))
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Impossible combinations, each with what to change."""
+    algo, rollout, train = config.algorithm, config.rollout, config.train
+    if rollout.group_size < 1:
+        raise ConfigError("rollout.group_size must be at least 1")
+    if rollout.group_size < 2 and algo.scale == "group":
+        raise ConfigError(
+            "rollout.group_size=1 with algorithm.scale=group: the std of a one-sample group is undefined; "
+            "use group_size >= 2 (GRPO uses 8 or more)"
+        )
+    if rollout.group_size < 2 and algo.baseline == "loo":
+        raise ConfigError("algorithm.baseline=loo needs rollout.group_size >= 2")
+    for name in ("steps", "prompts_per_step", "micro_batch_size"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1")
+    if rollout.max_new_tokens < 1:
+        raise ConfigError("rollout.max_new_tokens must be at least 1")
+    if rollout.temperature < 0:
+        raise ConfigError("rollout.temperature must be >= 0")
+    if not 0 < rollout.top_p <= 1:
+        raise ConfigError("rollout.top_p must be in (0, 1]")
+    if algo.epochs < 1 or algo.minibatches < 1:
+        raise ConfigError("algorithm.epochs and algorithm.minibatches must be at least 1")
+    if train.prompts_per_step % algo.minibatches:
+        raise ConfigError(
+            f"train.prompts_per_step={train.prompts_per_step} is not divisible by algorithm.minibatches="
+            f"{algo.minibatches}: whole groups make up a mini-batch, so pick a divisor"
+        )
+    if algo.clip_low < 0 or algo.clip_low >= 1 or algo.clip_high < 0:
+        raise ConfigError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
+    if algo.dual_clip is not None and algo.dual_clip <= 1:
+        raise ConfigError("algorithm.dual_clip must be > 1 (or null to switch it off)")
+    if algo.tis_cap is not None and algo.tis_cap <= 0:
+        raise ConfigError("algorithm.tis_cap must be > 0 (e.g. 2.0), or null to switch it off")
+    if algo.kl_coef < 0:
+        raise ConfigError("algorithm.kl_coef must be >= 0")
+    if config.optim.lr <= 0:
+        raise ConfigError("optim.lr must be > 0")
+    if len(config.optim.betas) != 2:
+        raise ConfigError("optim.betas must be two numbers, e.g. [0.9, 0.999]")
+    if not config.rewards:
+        raise ConfigError("rewards is empty: list at least one reward, e.g. rewards: [{name: math}]")
+
+
+def to_dict(config: Config) -> dict:
+    """Plain dict of the resolved config (what is written to <run>/config.yaml)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,94 @@
+"""Prompts for training: load rows from a local file, the hub or a built-in generator, and sample them.
+
+A row is a dict: the prompt column plus any other fields (answer, tests, target, ...), which are passed to
+the reward functions as columns. Sampling is by whole prompts; each prompt becomes one group of G samples.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from rl.errors import DataError
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_rows(source: str, split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Rows of a dataset as plain dicts.
+
+    source: `builtin:arithmetic` (the tiny model's synthetic task; split train|test never overlap),
+            a local .jsonl/.json/.parquet file, or a Hugging Face hub dataset id.
+    """
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name != "arithmetic":
+            raise DataError(f"unknown built-in dataset {name!r}; the built-in one is builtin:arithmetic")
+        from rl.tiny.arithmetic import make_problems
+
+        if split not in ("train", "test"):
+            raise DataError(f"builtin:arithmetic has splits train and test, not {split!r}")
+        return make_problems(split, limit or 20_000, seed=seed)
+
+    import datasets
+
+    path = Path(source)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"dataset file not found: {path}")
+        try:
+            dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many types for unreadable files
+            raise DataError(f"could not read {path}: {err}") from None
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split=split)
+        except Exception as err:
+            raise DataError(f"could not load dataset {source!r} (split {split!r}): {err}") from None
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    rows = dataset.to_list()
+    if not rows:
+        raise DataError(f"dataset {source!r} has no rows")
+    return rows
+
+
+def check_column(rows: list[dict], key: str, source: str) -> None:
+    """Fail early, naming the columns there are, when the prompt column is missing."""
+    columns = sorted(rows[0].keys()) if rows else []
+    if key not in columns:
+        raise DataError(
+            f"dataset {source!r} has no column {key!r} (its columns: {', '.join(columns) or 'none'}); "
+            f"set data.prompt_key to the column that holds the question"
+        )
+
+
+class PromptSampler:
+    """Endless shuffled passes over row indices; its state is (epoch, position), so it can be resumed."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows, self.seed = num_rows, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(self.num_rows))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, k: int) -> list[int]:
+        batch = []
+        while len(batch) < k:
+            if self.position == self.num_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self._order[self.position])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled(self.epoch)

@@ -1,0 +1,142 @@
+"""Per-step metrics, namespaced: reward/*, rollout/*, loss/*, policy/*, optim/*, perf/*.
+
+Every name written here has a line in docs/metrics.md. The functions take plain values (no trainer) so the
+numbers can be checked by hand in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def reward_metrics(rewards: torch.Tensor, valid: torch.Tensor, scores: Any) -> dict[str, float]:
+    """rewards, valid: [P, G]. scores: the RewardResult of the step (per-function metrics, correctness)."""
+    scored = rewards[valid]
+    out = {
+        "reward/mean": float(scored.mean()) if scored.numel() else float("nan"),
+        "reward/std": float(scored.std()) if scored.numel() > 1 else 0.0,
+        "reward/unscored_frac": float((~valid).float().mean()),
+    }
+    # A group whose rewards are all equal has zero advantages: it teaches nothing this step.
+    spread = torch.where(valid, rewards, rewards.nan_to_num(0.0))
+    out["reward/zero_std_frac"] = float(((spread.max(dim=1).values - spread.min(dim=1).values) == 0).float().mean())
+    out.update(scores.metrics)
+    if scores.correct is not None:
+        judged = [c for c in scores.correct if c is not None]
+        out["reward/accuracy"] = sum(judged) / len(judged) if judged else float("nan")
+    return out
+
+
+def rollout_metrics(completions: list[Any], rollout_s: float) -> dict[str, float]:
+    """Lengths in tokens and the truncation rate of one step's completions."""
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+    tokens = float(lengths.sum())
+    return {
+        "rollout/len_mean": float(lengths.mean()),
+        "rollout/len_max": float(lengths.max()),
+        "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "perf/rollout_tokens": tokens,
+        "perf/rollout_tok_s": tokens / rollout_s if rollout_s > 0 else 0.0,
+    }
+
+
+def timing_metrics(
+    rollout_s: float, reward_s: float, update_s: float, sync_s: float, step_s: float, update_tokens: float
+) -> dict[str, float]:
+    return {
+        "perf/rollout_s": rollout_s,
+        "perf/reward_s": reward_s,
+        "perf/update_s": update_s,
+        "perf/sync_s": sync_s,
+        "perf/step_s": step_s,
+        "perf/update_tok_s": update_tokens / update_s if update_s > 0 else 0.0,
+    }
+
+
+class UpdateAccumulator:
+    """Token-weighted means of the update's per-token statistics over all micro-batches of a step."""
+
+    def __init__(self) -> None:
+        self.tokens = 0.0
+        self.loss = self.entropy = self.clip_low = self.clip_high = self.ratio = self.kl = 0.0
+        self.ratio_max = 0.0
+        self.has_kl = False
+        self.mismatch_abs = self.mismatch_ratio_max = self.mismatch_tokens = 0.0
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.lr = 0.0
+
+    def add(
+        self,
+        mask: torch.Tensor,
+        pg_loss: torch.Tensor,
+        entropy: torch.Tensor,
+        clip_low: torch.Tensor,
+        clip_high: torch.Tensor,
+        ratio: torch.Tensor,
+        kl: torch.Tensor | None,
+    ) -> None:
+        """mask, entropy, clip_low, clip_high, ratio, kl: [b, T]; pg_loss: this micro-batch's loss share."""
+        m = mask.bool()
+        self.tokens += float(m.sum())
+        self.loss += float(pg_loss.detach())
+        self.entropy += float(entropy[m].sum())
+        self.clip_low += float(clip_low[m].float().sum())
+        self.clip_high += float(clip_high[m].float().sum())
+        self.ratio += float(ratio[m].sum())
+        self.ratio_max = max(self.ratio_max, float(ratio[m].max()) if m.any() else 0.0)
+        if kl is not None:
+            self.has_kl = True
+            self.kl += float(kl.detach()[m].sum())
+
+    def add_mismatch(self, mask: torch.Tensor, train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor) -> None:
+        """Rollout/trainer mismatch: the sampling policy's log-probs as the trainer and the engine compute them."""
+        m = mask.bool()
+        diff = (train_logprobs.detach() - rollout_logprobs)[m]
+        self.mismatch_abs += float(diff.abs().sum())
+        self.mismatch_ratio_max = max(self.mismatch_ratio_max, float(diff.exp().max()) if m.any() else 0.0)
+        self.mismatch_tokens += float(m.sum())
+
+    def add_step(self, grad_norm: float, lr: float) -> None:
+        self.losses.append(self.loss)
+        self.loss = 0.0
+        self.grad_norms.append(grad_norm)
+        self.lr = lr
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.tokens, 1.0)
+        out = {
+            "loss/policy": sum(self.losses) / max(len(self.losses), 1),
+            "policy/entropy": self.entropy / n,
+            "policy/clip_frac_low": self.clip_low / n,
+            "policy/clip_frac_high": self.clip_high / n,
+            "policy/ratio_mean": self.ratio / n,
+            "policy/ratio_max": self.ratio_max,
+            "optim/grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
+            "optim/lr": self.lr,
+            "optim/updates": float(len(self.grad_norms)),
+            "perf/update_tokens": self.tokens,
+        }
+        if self.mismatch_tokens:
+            out["rollout/logprob_diff_mean"] = self.mismatch_abs / self.mismatch_tokens
+            out["rollout/is_ratio_max"] = self.mismatch_ratio_max
+        if self.has_kl:
+            out["loss/kl"] = self.kl / n
+        return out
+
+
+def format_line(row: dict[str, float], total_steps: int) -> str:
+    """One console line for a step."""
+    parts = [f"step {int(row['step'])}/{total_steps}", f"reward {row['reward/mean']:.3f}"]
+    if "reward/accuracy" in row:
+        parts.append(f"acc {row['reward/accuracy']:.3f}")
+    parts += [
+        f"len {row['rollout/len_mean']:.1f}",
+        f"trunc {row['rollout/truncated_frac']:.2f}",
+        f"loss {row['loss/policy']:+.4f}",
+        f"{row['perf/rollout_tok_s']:.0f} tok/s",
+        f"{row['perf/step_s']:.1f}s",
+    ]
+    return " | ".join(parts)

@@ -1,0 +1,41 @@
+"""Prompt templates: how a dataset question becomes the text the policy continues.
+
+    plain    the question as is (the tiny arithmetic model was pretrained on raw prompts)
+    r1_zero  the DeepSeek-R1-Zero template: the model thinks in <think> tags and answers in <answer> tags
+    boxed    a math instruction asking for the final answer in \\boxed{} (Qwen2.5-Math style)
+    chat     the tokenizer's own chat template, with the question as the user turn
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+R1_ZERO = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+    "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>.\nUser: {question}\nAssistant: <think>"
+)
+
+BOXED = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.\n"
+
+
+def apply_template(name: str, question: str, tokenizer: Any = None) -> str:
+    """Render one question with the named template.
+
+    Example: apply_template("boxed", "1+1?") -> "1+1?\\nPlease reason step by step, ... \\boxed{}.\\n"
+    """
+    if name == "plain":
+        return question
+    if name == "r1_zero":
+        return R1_ZERO.format(question=question)
+    if name == "boxed":
+        return BOXED.format(question=question)
+    if name == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer with a chat template; use r1_zero or boxed")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown template {name!r}")

@@ -1,0 +1,360 @@
+"""The GRPO training loop, top to bottom.
+
+One step:
+    1. take prompts_per_step prompts (whole groups: a prompt and its G samples never split)
+    2. the rollout engine samples G completions per prompt (token ids, log-probs, finish reasons)
+    3. reward functions score every completion
+    4. group-relative advantages
+    5. policy update: epochs x mini-batches, each accumulated over micro-batches, clipped surrogate (+ KL)
+    6. push the new weights to the engine
+    7. log metrics to <run>/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rewards import RewardScorer
+from rl import metrics as M
+from rl.config import Config, dump_config
+from rl.data import PromptSampler, check_column, load_rows
+from rl.errors import AhaError, DataError
+from rl.grpo import aggregate_loss, group_advantages, kl_penalty, policy_loss, truncated_is_weight
+from rl.logprobs import PackedBatch, completion_logprobs, pack
+from rl.templates import apply_template
+from rollouts import SamplingParams, build_engine
+
+TINY_MODEL = Path(__file__).parent / "tiny" / "model"
+
+
+@dataclass
+class Sample:
+    """One completion with everything the update needs. `group` indexes the prompt within the step."""
+
+    group: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    rollout_logprobs: list[float]  # the engine's log-probs of completion_ids
+    advantage: float
+    valid: bool  # False when no reward function scored it: kept out of the loss
+
+
+def train(config: Config, console: Any = print) -> Path:
+    """Run GRPO as configured; returns the run directory."""
+    # ---- setup -------------------------------------------------------------------------------------------
+    seed_everything(config.train.seed)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = pick_device(config.train.device)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+
+    model_path = resolve_model_path(config.model.path)
+    tokenizer, policy = load_policy(model_path, config.model.dtype, device)
+    # R1-Zero default: kl_coef = 0 loads no reference model at all.
+    reference = load_policy(model_path, config.model.dtype, device)[1].eval() if config.algorithm.kl_coef else None
+
+    rows = load_rows(config.data.source, config.data.split, config.data.limit, seed=config.train.seed)
+    check_column(rows, config.data.prompt_key, config.data.source)
+    prompt_texts, prompt_ids = encode_prompts(rows, config, tokenizer)
+    columns = sorted(k for k in rows[0] if k != config.data.prompt_key)
+
+    scorer = RewardScorer(config.rewards)
+    engine = build_engine(
+        config.rollout.engine,
+        policy=policy,
+        tokenizer=tokenizer,
+        model_path=str(model_path),
+        dtype=config.model.dtype,
+        context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+        seed=config.train.seed,
+        **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
+    )
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay
+    )
+    total_updates = config.train.steps * config.algorithm.epochs * config.algorithm.minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, config.optim.warmup_steps, total_updates, config.optim.schedule)
+    )
+    sampler = PromptSampler(len(rows), config.train.seed)
+    group_size = config.rollout.group_size
+    params = SamplingParams(
+        n=group_size,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        stop=tuple(config.rollout.stop),
+    )
+
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    try:
+        for step in range(1, config.train.steps + 1):
+            step_start = time.perf_counter()
+
+            # ---- 1. prompts ------------------------------------------------------------------------------
+            batch_rows = sampler.next_batch(config.train.prompts_per_step)
+
+            # ---- 2. rollout --------------------------------------------------------------------------------
+            t = time.perf_counter()
+            step_params = SamplingParams(**{**params.__dict__, "seed": config.train.seed * 100_003 + step})
+            groups = engine.generate([prompt_ids[r] for r in batch_rows], step_params)
+            rollout_s = time.perf_counter() - t
+            completions = [c for group in groups for c in group]  # [P * G], prompt-major
+
+            # ---- 3. rewards --------------------------------------------------------------------------------
+            t = time.perf_counter()
+            flat_rows = [rows[r] for r in batch_rows for _ in range(group_size)]
+            scores = scorer(
+                [prompt_texts[r] for r in batch_rows for _ in range(group_size)],
+                [c.text for c in completions],
+                {k: [row[k] for row in flat_rows] for k in columns},
+            )
+            reward_s = time.perf_counter() - t
+
+            # ---- 4. advantages -----------------------------------------------------------------------------
+            rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, group_size)  # [P, G]
+            valid = ~torch.isnan(rewards)  # NaN: every reward function returned None for that sample
+            advantages = group_advantages(
+                fill_missing(rewards, valid), config.algorithm.baseline, config.algorithm.scale
+            )  # [P, G]
+            samples = [
+                Sample(i // group_size, prompt_ids[batch_rows[i // group_size]], c.token_ids, c.logprobs, a, v)
+                for i, (c, a, v) in enumerate(
+                    zip(completions, advantages.flatten().tolist(), valid.flatten().tolist(), strict=True)
+                )
+            ]
+
+            # ---- 5. policy update --------------------------------------------------------------------------
+            t = time.perf_counter()
+            engine.sleep()
+            update = update_policy(policy, reference, optimizer, scheduler, samples, config, tokenizer.pad_token_id)
+            update_s = time.perf_counter() - t
+
+            # ---- 6. weight sync ----------------------------------------------------------------------------
+            t = time.perf_counter()
+            engine.wake()
+            engine.update_weights(policy)
+            sync_s = time.perf_counter() - t
+
+            # ---- 7. metrics --------------------------------------------------------------------------------
+            row = {"step": step}
+            row.update(M.reward_metrics(rewards, valid, scores))
+            row.update(M.rollout_metrics(completions, rollout_s))
+            row.update(update)
+            row.update(
+                M.timing_metrics(
+                    rollout_s, reward_s, update_s, sync_s, time.perf_counter() - step_start, update["perf/update_tokens"]
+                )
+            )
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if step % config.run.log_every == 0 or step == config.train.steps:
+                console(M.format_line(row, config.train.steps))
+    finally:
+        engine.close()
+        scorer.close()
+
+    if config.run.save_model:
+        policy.save_pretrained(run_dir / "model", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "model")
+    return run_dir
+
+
+def update_policy(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    samples: list[Sample],
+    config: Config,
+    pad_id: int,
+) -> dict[str, float]:
+    """epochs x mini-batches optimizer steps over one generation batch; returns the update's metrics."""
+    algo, temperature = config.algorithm, config.rollout.temperature
+    micro = config.train.micro_batch_size
+    num_groups = config.train.prompts_per_step
+    # Whole groups per mini-batch, so a later data-parallel split never cuts a group.
+    groups_per_mini = num_groups // algo.minibatches
+    minibatches = [
+        [s for s in samples if k * groups_per_mini <= s.group < (k + 1) * groups_per_mini]
+        for k in range(algo.minibatches)
+    ]
+    single_update = algo.epochs == 1 and algo.minibatches == 1
+    old: dict[int, torch.Tensor] = {}
+    if not single_update:
+        # Several optimizer steps reuse this batch: the ratio needs the log-probs of the policy that sampled
+        # it, recorded once before the first step changes the weights.
+        with torch.no_grad():
+            for start in range(0, len(samples), micro):
+                chunk = samples[start : start + micro]
+                lp, _ = completion_logprobs(policy, _pack(chunk, pad_id), temperature)
+                for j, s in enumerate(chunk):
+                    old[id(s)] = lp[j, : len(s.completion_ids)].cpu()
+
+    sums = M.UpdateAccumulator()
+    policy.train()
+    for _ in range(algo.epochs):
+        for mini in minibatches:
+            mini = [s for s in mini if s.valid]
+            if not mini:
+                continue
+            num_tokens = sum(len(s.completion_ids) for s in mini)
+            optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(mini), micro):
+                chunk = mini[start : start + micro]
+                batch = _pack(chunk, pad_id)
+                device = next(policy.parameters()).device
+                mask = batch.completion_mask.to(device)  # [b, T]
+                logprobs, entropy = completion_logprobs(policy, batch, temperature, with_entropy=True)  # [b, T]
+                if single_update:
+                    # One update per batch: the weights that sampled this batch are exactly the current weights
+                    # (nothing has changed them since generation), so old log-probs equal these log-probs.
+                    # Detaching gives ratio 1 with gradient grad(logp) * A, and saves a forward pass.
+                    old_logprobs = logprobs.detach()
+                else:
+                    old_logprobs = _stack([old[id(s)] for s in chunk], logprobs)
+                rollout_logprobs = _stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs)  # [b, T]
+                adv = torch.tensor([s.advantage for s in chunk], device=device)  # [b]
+                per_token, clip_low, clip_high = policy_loss(
+                    logprobs, old_logprobs, adv, algo.clip_low, algo.clip_high, algo.dual_clip
+                )  # [b, T]
+                if algo.tis_cap is not None:
+                    per_token = per_token * truncated_is_weight(old_logprobs, rollout_logprobs, algo.tis_cap)
+                norm = {"max_len": config.rollout.max_new_tokens, "num_seqs": len(mini), "num_tokens": num_tokens}
+                pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
+                loss = pg_loss
+                kl = None
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_logprobs, _ = completion_logprobs(reference, batch, temperature)
+                    kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
+                    loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
+                if not torch.isfinite(loss):
+                    raise AhaError(
+                        "the loss is not finite (NaN/inf): lower optim.lr, check the rewards for extreme values, "
+                        "or use model.dtype=float32"
+                    )
+                loss.backward()
+                ratio = torch.exp(logprobs.detach() - old_logprobs)
+                sums.add(mask, pg_loss, entropy, clip_low, clip_high, ratio, kl)
+                sums.add_mismatch(mask, old_logprobs, rollout_logprobs)
+            grad_norm = _clip_grad(policy, config.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            sums.add_step(grad_norm, scheduler.get_last_lr()[0])
+    return sums.metrics()
+
+
+def _pack(samples: list[Sample], pad_id: int) -> PackedBatch:
+    return pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_id)
+
+
+def _stack(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)  # [b, T]
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r.to(like.device)
+    return out
+
+
+def _clip_grad(policy: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in policy.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def fill_missing(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Replace unscored (NaN) rewards by their group's mean of scored ones, so they shift nothing.
+
+    rewards, valid: [P, G]. A group with no scored sample gets 0 everywhere.
+    """
+    filled = torch.where(valid, rewards, torch.zeros_like(rewards))
+    counts = valid.sum(dim=1, keepdim=True)
+    means = filled.sum(dim=1, keepdim=True) / counts.clamp(min=1)
+    return torch.where(valid, rewards, means.expand_as(rewards))
+
+
+def lr_factor(update: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `update` (0-based)."""
+    if warmup and update < warmup:
+        return (update + 1) / warmup
+    progress = (update - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AhaError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_model_path(path: str) -> Path | str:
+    """`aha-tiny` is the small base model shipped with aha; anything else is a directory or hub id."""
+    if path == "aha-tiny":
+        return TINY_MODEL
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise AhaError(f"model path does not exist: {path}")
+    return path  # a hub id
+
+
+def load_policy(path: Path | str, dtype: str, device: torch.device) -> tuple[Any, torch.nn.Module]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise AhaError(f"could not load model {str(path)!r}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked; any id works
+    return tokenizer, model.to(device)
+
+
+def encode_prompts(rows: list[dict], config: Config, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+    """Template and tokenize every prompt once; prompts over max_prompt_tokens are an error."""
+    texts, ids = [], []
+    for i, row in enumerate(rows):
+        question = row.get(config.data.prompt_key)
+        if not isinstance(question, str) or not question:
+            raise DataError(f"row {i} of {config.data.source!r}: field {config.data.prompt_key!r} is missing or empty")
+        text = apply_template(config.data.template, question, tokenizer)
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) > config.data.max_prompt_tokens:
+            raise DataError(
+                f"row {i}: the prompt has {len(tokens)} tokens, over data.max_prompt_tokens="
+                f"{config.data.max_prompt_tokens}; raise the limit or shorten the prompt"
+            )
+        texts.append(text)
+        ids.append(tokens)
+    return texts, ids

@@ -1,0 +1,66 @@
+"""The rollout-engine protocol: what the training loop needs from whatever samples completions.
+
+An engine takes prompts as token ids and returns, per prompt, n completions with the sampled token ids,
+the log-prob of each sampled token under the engine's (temperature-scaled) policy and a finish reason.
+After each policy update the loop calls `update_weights(policy)`; engines that share the policy module
+(the transformers engine) have nothing to copy, engines with their own copy (vLLM) load the new weights.
+`sleep()`/`wake()` bracket the update so a colocated engine can give its memory back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+class EngineError(RuntimeError):
+    """A rollout engine that cannot start or failed while sampling; the message says why."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int
+    """Completions per prompt (the group size)."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    """Stop strings; a completion ends with (and includes) the first one it produces."""
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    """Sampled tokens, including the EOS token when the completion ended with one."""
+    logprobs: list[float]
+    """Log-prob of each sampled token under the engine's policy at the sampling temperature."""
+    finish_reason: FinishReason
+    """`stop`: ended by EOS or a stop string; `length`: hit max_new_tokens (truncated)."""
+    text: str
+    """Decoded completion, special tokens removed."""
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """For each prompt (token ids), `params.n` completions."""
+        ...
+
+    def update_weights(self, policy: torch.nn.Module) -> None:
+        """Make the engine sample from the policy's current weights."""
+        ...
+
+    def sleep(self) -> None:
+        """Release memory the engine does not need during the policy update."""
+        ...
+
+    def wake(self) -> None:
+        """Undo `sleep` before the next `generate`."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,150 @@
+"""Plain transformers rollout engine: batched sampling with a KV cache, on CPU or CUDA.
+
+It samples from the policy module itself (no copy), so `update_weights` has nothing to do: the trainer's
+in-place optimizer step is already what the next `generate` sees. Decoding is a small loop of our own
+rather than `model.generate`, so that the log-prob of every sampled token, EOS and stop strings and the
+finish reason come out exactly as the protocol defines them, without a second pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rollouts.base import Completion, SamplingParams
+
+
+class TransformersEngine:
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any, max_batch_size: int = 256, **_: Any) -> None:
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    # The engine samples from the trainer's own module: nothing to copy, nothing to release.
+    def update_weights(self, policy: torch.nn.Module) -> None:
+        self.policy = policy
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        expanded = [p for p in prompts for _ in range(params.n)]  # prompt i's samples are contiguous
+        device = next(self.policy.parameters()).device
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            flat: list[Completion] = []
+            for start in range(0, len(expanded), self.max_batch_size):
+                flat += self._sample(expanded[start : start + self.max_batch_size], params, device, generator)
+        finally:
+            self.policy.train(was_training)
+        return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _sample(
+        self, prompts: list[list[int]], params: SamplingParams, device: torch.device, generator: Any
+    ) -> list[Completion]:
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every sequence's next token is at the same column
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [B, Lp]
+        eos = torch.tensor(self.eos_ids, device=device)
+
+        tokens = torch.empty((batch, params.max_new_tokens), dtype=torch.long, device=device)
+        logprobs = torch.empty((batch, params.max_new_tokens), dtype=torch.float32, device=device)
+        lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long)  # until something stops them
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        finished_by_stop = [False] * batch
+        max_stop = max((len(s) for s in params.stop), default=0) + 1
+
+        out = self.policy(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        steps = 0
+        for t in range(params.max_new_tokens):
+            logits = out.logits[:, -1, :].float()  # [B, V]
+            next_ids, next_lp = _sample_next(logits, params.temperature, params.top_p, generator)  # [B], [B]
+            tokens[:, t], logprobs[:, t] = next_ids, next_lp
+            steps = t + 1
+            hit_eos = torch.isin(next_ids, eos) & ~stopped  # [B]
+            newly = hit_eos.clone()
+            if params.stop:  # stop strings: only the tail of each live sequence can complete one
+                live = (~stopped & ~hit_eos).nonzero().flatten().tolist()
+                tails = tokens[live, max(0, t + 1 - max_stop) : t + 1].tolist()
+                for i, tail in zip(live, tails, strict=True):
+                    text = self.tokenizer.decode(tail)
+                    if any(s in text for s in params.stop):
+                        newly[i] = True
+            for i in newly.nonzero().flatten().tolist():
+                lengths[i] = t + 1
+                finished_by_stop[i] = True
+            stopped |= newly
+            if bool(stopped.all()) or t + 1 == params.max_new_tokens:
+                break
+            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], 1)
+            positions = positions[:, -1:] + 1  # [B, 1]
+            out = self.policy(
+                input_ids=next_ids[:, None],
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+
+        tokens, logprobs = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()
+        completions = []
+        for i in range(batch):
+            n = int(lengths[i])
+            ids = tokens[i][:n]
+            completions.append(
+                Completion(
+                    token_ids=ids,
+                    logprobs=logprobs[i][:n],
+                    finish_reason="stop" if finished_by_stop[i] else "length",
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                )
+            )
+        return completions
+
+
+def _sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row. Returns (ids [B], log-prob of each id under softmax(logits / T) [B]).
+
+    The log-prob is of the temperature-scaled distribution before top-p truncation, which is what the
+    trainer recomputes; with temperature 0 (greedy) it is the log-prob under the unscaled distribution.
+    """
+    if temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+        ids = logits.argmax(dim=-1)
+        return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random Qwen2 model and a BPE tokenizer trained locally on a few lines.
+
+Nothing is downloaded: the tokenizer is trained here and the model is built from a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 12 + 35? Let me think step by step. 12 + 35 = 47.",
+    "<think> reasoning process here </think> <answer> 42 </answer>",
+    "aaa bbb ccc abc cab bca aa bb cc a b c",
+    "Wait, let me verify: 3 * 4 = 12, so the answer is 12.",
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_model(vocab_size: int, seed: int = 0, eos_id: int = 1, pad_id: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Qwen2 + tokenizer directory (read-only for tests: copy before changing)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return build_model(len(tokenizer), 0, tokenizer.eos_token_id, tokenizer.pad_token_id)
