@@ -1,7 +1,7 @@
 """The `aha` command: train a recipe, list the shipped recipes.
 
-    aha train [RECIPE] [key.sub=value ...]     RECIPE: a shipped recipe name or a YAML path (default: default)
-    aha recipes                                the shipped recipes with their one-line descriptions
+aha train [RECIPE] [key.sub=value ...]     RECIPE: a shipped recipe name or a YAML path (default: default)
+aha recipes                                the shipped recipes with their one-line descriptions
 """
 
 from __future__ import annotations
@@ -62,6 +62,21 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rl.report import plot_runs
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "dashboard.png"
+    print(f"dashboard written to {plot_runs([Path(r) for r in args.runs], out)}")
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from rl.report import print_samples
+
+    print_samples(Path(args.run), args.step, "best" if args.best else "worst" if args.worst else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aha", description="GRPO training that makes reasoning emerge.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
+    p = sub.add_parser("plot", help="write a dashboard PNG of one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/dashboard.png of the first run)")
+    p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("samples", help="print the logged samples of a run")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--step", type=int, help="which logged step (default: the last)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--best", action="store_true", help="highest reward first")
+    order.add_argument("--worst", action="store_true", help="lowest reward first")
+    p.set_defaults(func=cmd_samples)
     return parser
 
 

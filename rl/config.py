@@ -19,6 +19,7 @@ import yaml
 
 from rewards import RewardSpec
 from rl.errors import ConfigError
+from rl.metrics import DEFAULT_REFLECTION_WORDS
 
 
 @dataclass
@@ -143,6 +144,54 @@ class TrainConfig:
     """Where the policy runs: auto picks CUDA when available."""
     threads: int | None = None
     """CPU threads for torch (null = torch's default)."""
+    max_skipped_steps: int = 3
+    """Stop the run after this many consecutive steps whose updates were skipped for a NaN/inf loss."""
+
+
+@dataclass
+class EvalConfig:
+    source: str | None = None
+    """Held-out data (same forms as data.source); null = data.source. Rows whose prompt also appears in the
+    training data are dropped, so the evaluation never sees a training problem."""
+    split: str = "test"
+    """Split of the held-out data."""
+    size: int = 200
+    """Held-out problems evaluated (0 = no evaluation)."""
+    every: int = 0
+    """Also evaluate every N steps (0 = only before the first and after the last step)."""
+    samples: int = 1
+    """Completions per problem; accuracy is their mean (pass@1)."""
+    temperature: float = 0.0
+    """Sampling temperature of the evaluation (0 = greedy)."""
+
+
+@dataclass
+class TrackConfig:
+    console: Literal["rich", "plain", "quiet"] = "rich"
+    """Console display: a live progress bar (rich), a line per step (plain), or alarms and summary only (quiet).
+    rich falls back to plain when stdout is not a terminal."""
+    log_every: int = 1
+    """Plain console: print a line every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <run>/tensorboard (needs the tensorboard package; skipped if absent)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs wandb installed)."""
+    trackio: bool = False
+    """Log to trackio (needs trackio installed)."""
+    project: str = "aha"
+    """Project name for W&B / trackio."""
+    reflection_words: list[str] = field(default_factory=lambda: list(DEFAULT_REFLECTION_WORDS))
+    """Words whose use is counted as reflection (rollout/reflection_frac), case-insensitive, whole words."""
+    samples_every: int = 10
+    """Write whole groups of a few prompts to samples.jsonl every N steps (and at the last step)."""
+    samples_prompts: int = 2
+    """Prompts (each with its whole group) written per sampled step."""
+    zero_reward_steps: int = 5
+    """Alarm when every reward is 0 for this many steps in a row."""
+    truncation_alarm: float = 0.5
+    """Alarm when more than this fraction of completions hit rollout.max_new_tokens."""
+    dashboard: bool = True
+    """Write dashboard.png and samples.html at the end of the run."""
 
 
 @dataclass
@@ -151,8 +200,6 @@ class RunConfig:
     """Run name; the run directory is <dir>/<name>."""
     dir: str = "runs"
     """Parent directory of run directories."""
-    log_every: int = 1
-    """Print a console line every N steps."""
     save_model: bool = True
     """Save the final policy with save_pretrained into <run>/model."""
 
@@ -169,6 +216,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math")])
     """Reward functions with weights: [{name: math, weight: 1.0}, {name: format, weight: 0.1}]."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
@@ -242,6 +291,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -305,7 +359,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of config sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: a recipe must be a mapping of config sections, got {type(loaded).__name__}"
+            )
         values = loaded or {}
     for text in overrides:
         values = _deep_merge(values, parse_override(text))
@@ -354,6 +410,10 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.lr must be > 0")
     if len(config.optim.betas) != 2:
         raise ConfigError("optim.betas must be two numbers, e.g. [0.9, 0.999]")
+    if config.eval.size < 0 or config.eval.samples < 1 or config.eval.every < 0:
+        raise ConfigError("eval.size and eval.every must be >= 0 and eval.samples >= 1")
+    if config.track.samples_every < 1 or config.track.log_every < 1:
+        raise ConfigError("track.samples_every and track.log_every must be at least 1")
     if not config.rewards:
         raise ConfigError("rewards is empty: list at least one reward, e.g. rewards: [{name: math}]")
 

@@ -7,9 +7,12 @@ the reward functions as columns. Sampling is by whole prompts; each prompt becom
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rl.errors import DataError
+from rl.templates import apply_template
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -92,3 +95,67 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._shuffled(self.epoch)
+
+
+@dataclass
+class PromptSet:
+    """Rows of a dataset with their templated prompt texts and token ids, encoded once."""
+
+    rows: list[dict]
+    texts: list[str]
+    ids: list[list[int]]
+    columns: list[str]  # fields passed to reward functions: every field but the prompt
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def load(
+        cls,
+        config: Any,
+        source: str,
+        split: str,
+        limit: int | None,
+        tokenizer: Any,
+        exclude: set[str] = frozenset(),
+        size: int | None = None,
+    ) -> PromptSet:
+        """Load, check and encode a dataset. Rows whose prompt is in `exclude` are dropped (held-out sets);
+        `size` keeps the first that many of the rest."""
+        rows = load_rows(source, split, limit, seed=config.train.seed)
+        key = config.data.prompt_key
+        check_column(rows, key, source)
+        if exclude:
+            rows = [
+                r
+                for r in rows
+                if apply_template(config.data.template, str(r.get(key)), tokenizer) not in exclude
+            ]
+            if not rows:
+                raise DataError(f"every row of {source!r} ({split}) also appears in the training data")
+        if size is not None:
+            rows = rows[:size]
+        texts, ids = [], []
+        for i, row in enumerate(rows):
+            question = row.get(key)
+            if not isinstance(question, str) or not question:
+                raise DataError(f"row {i} of {source!r}: field {key!r} is missing or empty")
+            text = apply_template(config.data.template, question, tokenizer)
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(tokens) > config.data.max_prompt_tokens:
+                raise DataError(
+                    f"row {i} of {source!r}: the prompt has {len(tokens)} tokens, over data.max_prompt_tokens="
+                    f"{config.data.max_prompt_tokens}; raise the limit or shorten the prompt"
+                )
+            texts.append(text)
+            ids.append(tokens)
+        return cls(rows, texts, ids, sorted(k for k in rows[0] if k != key))
+
+    def score(self, scorer: Any, rows: list[int], completions: list[Any], group_size: int) -> Any:
+        """Score completions of `rows` (each row's group_size completions contiguous) with the reward scorer."""
+        flat = [r for r in rows for _ in range(group_size)]
+        return scorer(
+            [self.texts[r] for r in flat],
+            [c.text for c in completions],
+            {k: [self.rows[r][k] for r in flat] for k in self.columns},
+        )

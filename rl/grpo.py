@@ -61,7 +61,9 @@ def group_advantages(
 
     if scale == "group":
         if group_size < 2:
-            raise ValueError("scale='group' needs a group size of at least 2 (std of one sample is undefined)")
+            raise ValueError(
+                "scale='group' needs a group size of at least 2 (std of one sample is undefined)"
+            )
         return centered / (rewards.std(dim=1, keepdim=True) + eps)
     if scale == "batch":
         if rewards.numel() < 2:
@@ -113,7 +115,9 @@ def policy_loss(
     return loss, clipped_low, clipped_high
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3"
+) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020).
 
     With log r = ref_logp - logp (r = pi_ref / pi):
@@ -173,7 +177,9 @@ def aggregate_loss(
         return (masked.sum(dim=1) / seq_len).sum() / max(num_seqs, 1)
     if mode == "seq_mean_token_sum_norm":
         if max_len is None or max_len <= 0:
-            raise ValueError("seq_mean_token_sum_norm needs max_len, the constant normaliser (max response length)")
+            raise ValueError(
+                "seq_mean_token_sum_norm needs max_len, the constant normaliser (max response length)"
+            )
         return masked.sum() / (max_len * max(num_seqs, 1))
     raise ValueError(f"unknown loss aggregation {mode!r}")
 

@@ -63,7 +63,9 @@ def completion_logprobs(
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     body = model.get_decoder()
-    hidden = body(input_ids=input_ids, attention_mask=batch.attention_mask.to(device)).last_hidden_state  # [B,L,H]
+    hidden = body(
+        input_ids=input_ids, attention_mask=batch.attention_mask.to(device)
+    ).last_hidden_state  # [B,L,H]
 
     comp_len = batch.completion_ids.shape[1]
     # Hidden state at position p predicts token p+1: completion token j sits at prompt_len + j.

@@ -6,6 +6,8 @@ numbers can be checked by hand in tests.
 
 from __future__ import annotations
 
+import re
+import resource
 from typing import Any
 
 import torch
@@ -21,7 +23,9 @@ def reward_metrics(rewards: torch.Tensor, valid: torch.Tensor, scores: Any) -> d
     }
     # A group whose rewards are all equal has zero advantages: it teaches nothing this step.
     spread = torch.where(valid, rewards, rewards.nan_to_num(0.0))
-    out["reward/zero_std_frac"] = float(((spread.max(dim=1).values - spread.min(dim=1).values) == 0).float().mean())
+    out["reward/zero_std_frac"] = float(
+        ((spread.max(dim=1).values - spread.min(dim=1).values) == 0).float().mean()
+    )
     out.update(scores.metrics)
     if scores.correct is not None:
         judged = [c for c in scores.correct if c is not None]
@@ -29,17 +33,62 @@ def reward_metrics(rewards: torch.Tensor, valid: torch.Tensor, scores: Any) -> d
     return out
 
 
-def rollout_metrics(completions: list[Any], rollout_s: float) -> dict[str, float]:
-    """Lengths in tokens and the truncation rate of one step's completions."""
-    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-    tokens = float(lengths.sum())
-    return {
-        "rollout/len_mean": float(lengths.mean()),
-        "rollout/len_max": float(lengths.max()),
-        "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-        "perf/rollout_tokens": tokens,
-        "perf/rollout_tok_s": tokens / rollout_s if rollout_s > 0 else 0.0,
+DEFAULT_REFLECTION_WORDS = ("wait", "verify", "check", "re-examine", "let me", "recheck", "double-check")
+
+
+def length_metrics(
+    lengths: list[int], truncated: list[bool], correct: list[bool | None] | None
+) -> dict[str, float]:
+    """Response-length statistics in tokens.
+
+    Example: lengths [2, 4, 6, 8], truncated [F, F, F, T], correct [T, F, T, None] ->
+    len_mean 5, len_median 5, len_p90 7.4, len_max 8, truncated_frac 0.25, len_correct 4, len_incorrect 4.
+    """
+    t = torch.tensor(lengths, dtype=torch.float64)
+    out = {
+        "rollout/len_mean": float(t.mean()),
+        "rollout/len_median": float(t.quantile(0.5)),
+        "rollout/len_p90": float(t.quantile(0.9)),
+        "rollout/len_max": float(t.max()),
+        "rollout/truncated_frac": sum(truncated) / len(truncated),
     }
+    if correct is not None:
+        for name, want in (("rollout/len_correct", True), ("rollout/len_incorrect", False)):
+            chosen = [n for n, c in zip(lengths, correct, strict=True) if c is want]
+            out[name] = sum(chosen) / len(chosen) if chosen else float("nan")
+    return out
+
+
+def reflection_frac(texts: list[str], words: tuple[str, ...] | list[str] = DEFAULT_REFLECTION_WORDS) -> float:
+    """Fraction of completions that use at least one reflection word ("wait", "verify", ...), case-insensitive,
+    as whole words: the R1 paper's sign of the aha moment.
+
+    Example: ["Wait, 3+4=7", "so 7", "let me check"] -> 2/3.
+    """
+    if not texts or not words:
+        return 0.0
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    return sum(bool(pattern.search(t)) for t in texts) / len(texts)
+
+
+def rollout_metrics(
+    completions: list[Any], correct: list[bool | None] | None, rollout_s: float, reflection_words: list[str]
+) -> dict[str, float]:
+    """Lengths, truncation, reflection rate and throughput of one step's completions."""
+    lengths = [len(c.token_ids) for c in completions]
+    out = length_metrics(lengths, [c.finish_reason == "length" for c in completions], correct)
+    out["rollout/reflection_frac"] = reflection_frac([c.text for c in completions], reflection_words)
+    tokens = float(sum(lengths))
+    out["perf/rollout_tokens"] = tokens
+    out["perf/rollout_tok_s"] = tokens / rollout_s if rollout_s > 0 else 0.0
+    return out
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def timing_metrics(
@@ -63,6 +112,7 @@ class UpdateAccumulator:
         self.loss = self.entropy = self.clip_low = self.clip_high = self.ratio = self.kl = 0.0
         self.ratio_max = 0.0
         self.has_kl = False
+        self.skipped = 0
         self.mismatch_abs = self.mismatch_ratio_max = self.mismatch_tokens = 0.0
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
@@ -91,7 +141,9 @@ class UpdateAccumulator:
             self.has_kl = True
             self.kl += float(kl.detach()[m].sum())
 
-    def add_mismatch(self, mask: torch.Tensor, train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor) -> None:
+    def add_mismatch(
+        self, mask: torch.Tensor, train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor
+    ) -> None:
         """Rollout/trainer mismatch: the sampling policy's log-probs as the trainer and the engine compute them."""
         m = mask.bool()
         diff = (train_logprobs.detach() - rollout_logprobs)[m]
@@ -117,6 +169,7 @@ class UpdateAccumulator:
             "optim/grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
             "optim/lr": self.lr,
             "optim/updates": float(len(self.grad_norms)),
+            "optim/skipped_updates": float(self.skipped),
             "perf/update_tokens": self.tokens,
         }
         if self.mismatch_tokens:
@@ -125,18 +178,3 @@ class UpdateAccumulator:
         if self.has_kl:
             out["loss/kl"] = self.kl / n
         return out
-
-
-def format_line(row: dict[str, float], total_steps: int) -> str:
-    """One console line for a step."""
-    parts = [f"step {int(row['step'])}/{total_steps}", f"reward {row['reward/mean']:.3f}"]
-    if "reward/accuracy" in row:
-        parts.append(f"acc {row['reward/accuracy']:.3f}")
-    parts += [
-        f"len {row['rollout/len_mean']:.1f}",
-        f"trunc {row['rollout/truncated_frac']:.2f}",
-        f"loss {row['loss/policy']:+.4f}",
-        f"{row['perf/rollout_tok_s']:.0f} tok/s",
-        f"{row['perf/step_s']:.1f}s",
-    ]
-    return " | ".join(parts)

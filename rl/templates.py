@@ -1,9 +1,9 @@
 """Prompt templates: how a dataset question becomes the text the policy continues.
 
-    plain    the question as is (the tiny arithmetic model was pretrained on raw prompts)
-    r1_zero  the DeepSeek-R1-Zero template: the model thinks in <think> tags and answers in <answer> tags
-    boxed    a math instruction asking for the final answer in \\boxed{} (Qwen2.5-Math style)
-    chat     the tokenizer's own chat template, with the question as the user turn
+plain    the question as is (the tiny arithmetic model was pretrained on raw prompts)
+r1_zero  the DeepSeek-R1-Zero template: the model thinks in <think> tags and answers in <answer> tags
+boxed    a math instruction asking for the final answer in \\boxed{} (Qwen2.5-Math style)
+chat     the tokenizer's own chat template, with the question as the user turn
 """
 
 from __future__ import annotations

@@ -26,12 +26,13 @@ import torch
 
 from rewards import RewardScorer
 from rl import metrics as M
-from rl.config import Config, dump_config
-from rl.data import PromptSampler, check_column, load_rows
-from rl.errors import AhaError, DataError
+from rl.config import Config, dump_config, to_dict
+from rl.data import PromptSampler, PromptSet
+from rl.errors import AhaError
 from rl.grpo import aggregate_loss, group_advantages, kl_penalty, policy_loss, truncated_is_weight
 from rl.logprobs import PackedBatch, completion_logprobs, pack
-from rl.templates import apply_template
+from rl.report import plot_runs, write_samples_html
+from rl.tracking import Alarms, Console, Loggers, sample_records
 from rollouts import SamplingParams, build_engine
 
 TINY_MODEL = Path(__file__).parent / "tiny" / "model"
@@ -49,7 +50,7 @@ class Sample:
     valid: bool  # False when no reward function scored it: kept out of the loss
 
 
-def train(config: Config, console: Any = print) -> Path:
+def train(config: Config) -> Path:
     """Run GRPO as configured; returns the run directory."""
     # ---- setup -------------------------------------------------------------------------------------------
     seed_everything(config.train.seed)
@@ -59,16 +60,23 @@ def train(config: Config, console: Any = print) -> Path:
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")
+    for stale in ("metrics.jsonl", "samples.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
 
     model_path = resolve_model_path(config.model.path)
     tokenizer, policy = load_policy(model_path, config.model.dtype, device)
     # R1-Zero default: kl_coef = 0 loads no reference model at all.
-    reference = load_policy(model_path, config.model.dtype, device)[1].eval() if config.algorithm.kl_coef else None
+    reference = (
+        load_policy(model_path, config.model.dtype, device)[1].eval() if config.algorithm.kl_coef else None
+    )
 
-    rows = load_rows(config.data.source, config.data.split, config.data.limit, seed=config.train.seed)
-    check_column(rows, config.data.prompt_key, config.data.source)
-    prompt_texts, prompt_ids = encode_prompts(rows, config, tokenizer)
-    columns = sorted(k for k in rows[0] if k != config.data.prompt_key)
+    train_set = PromptSet.load(config, config.data.source, config.data.split, config.data.limit, tokenizer)
+    eval_set = None
+    if config.eval.size:
+        eval_set = PromptSet.load(
+            config, config.eval.source or config.data.source, config.eval.split, None, tokenizer,
+            exclude=set(train_set.texts), size=config.eval.size,
+        )  # fmt: skip
 
     scorer = RewardScorer(config.rewards)
     engine = build_engine(
@@ -82,13 +90,16 @@ def train(config: Config, console: Any = print) -> Path:
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay
+        policy.parameters(),
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        weight_decay=config.optim.weight_decay,
     )
     total_updates = config.train.steps * config.algorithm.epochs * config.algorithm.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, config.optim.warmup_steps, total_updates, config.optim.schedule)
     )
-    sampler = PromptSampler(len(rows), config.train.seed)
+    sampler = PromptSampler(len(train_set), config.train.seed)
     group_size = config.rollout.group_size
     params = SamplingParams(
         n=group_size,
@@ -98,9 +109,20 @@ def train(config: Config, console: Any = print) -> Path:
         stop=tuple(config.rollout.stop),
     )
 
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    track = config.track
+    loggers = Loggers(run_dir, to_dict(config), track.tensorboard, track.wandb, track.trackio, track.project)
+    console = Console(track.console, config.train.steps, track.log_every)
+    for warning in loggers.warnings:
+        console.message(warning)
+    alarms = Alarms(config.rollout.max_new_tokens, track.zero_reward_steps, track.truncation_alarm)
+    evaluations: dict[str, list[dict]] = {}
+    skipped_in_a_row = 0
     try:
+        if eval_set is not None:
+            row, evaluations["before"] = evaluate(engine, scorer, eval_set, config)
+            loggers.log({"step": 0, **row})
+            console.message(f"held-out before training: {eval_summary(row)}", style="cyan")
+
         for step in range(1, config.train.steps + 1):
             step_start = time.perf_counter()
 
@@ -109,19 +131,14 @@ def train(config: Config, console: Any = print) -> Path:
 
             # ---- 2. rollout --------------------------------------------------------------------------------
             t = time.perf_counter()
-            step_params = SamplingParams(**{**params.__dict__, "seed": config.train.seed * 100_003 + step})
-            groups = engine.generate([prompt_ids[r] for r in batch_rows], step_params)
+            step_params = dataclasses.replace(params, seed=config.train.seed * 100_003 + step)
+            groups = engine.generate([train_set.ids[r] for r in batch_rows], step_params)
             rollout_s = time.perf_counter() - t
             completions = [c for group in groups for c in group]  # [P * G], prompt-major
 
             # ---- 3. rewards --------------------------------------------------------------------------------
             t = time.perf_counter()
-            flat_rows = [rows[r] for r in batch_rows for _ in range(group_size)]
-            scores = scorer(
-                [prompt_texts[r] for r in batch_rows for _ in range(group_size)],
-                [c.text for c in completions],
-                {k: [row[k] for row in flat_rows] for k in columns},
-            )
+            scores = train_set.score(scorer, batch_rows, completions, group_size)
             reward_s = time.perf_counter() - t
 
             # ---- 4. advantages -----------------------------------------------------------------------------
@@ -131,7 +148,9 @@ def train(config: Config, console: Any = print) -> Path:
                 fill_missing(rewards, valid), config.algorithm.baseline, config.algorithm.scale
             )  # [P, G]
             samples = [
-                Sample(i // group_size, prompt_ids[batch_rows[i // group_size]], c.token_ids, c.logprobs, a, v)
+                Sample(
+                    i // group_size, train_set.ids[batch_rows[i // group_size]], c.token_ids, c.logprobs, a, v
+                )
                 for i, (c, a, v) in enumerate(
                     zip(completions, advantages.flatten().tolist(), valid.flatten().tolist(), strict=True)
                 )
@@ -140,7 +159,9 @@ def train(config: Config, console: Any = print) -> Path:
             # ---- 5. policy update --------------------------------------------------------------------------
             t = time.perf_counter()
             engine.sleep()
-            update = update_policy(policy, reference, optimizer, scheduler, samples, config, tokenizer.pad_token_id)
+            update = update_policy(
+                policy, reference, optimizer, scheduler, samples, config, tokenizer.pad_token_id
+            )
             update_s = time.perf_counter() - t
 
             # ---- 6. weight sync ----------------------------------------------------------------------------
@@ -149,27 +170,57 @@ def train(config: Config, console: Any = print) -> Path:
             engine.update_weights(policy)
             sync_s = time.perf_counter() - t
 
-            # ---- 7. metrics --------------------------------------------------------------------------------
+            # ---- 7. metrics, alarms, samples ---------------------------------------------------------------
             row = {"step": step}
             row.update(M.reward_metrics(rewards, valid, scores))
-            row.update(M.rollout_metrics(completions, rollout_s))
+            row.update(M.rollout_metrics(completions, scores.correct, rollout_s, track.reflection_words))
             row.update(update)
             row.update(
                 M.timing_metrics(
-                    rollout_s, reward_s, update_s, sync_s, time.perf_counter() - step_start, update["perf/update_tokens"]
+                    rollout_s,
+                    reward_s,
+                    update_s,
+                    sync_s,
+                    time.perf_counter() - step_start,
+                    update["perf/update_tokens"],
                 )
             )
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if step % config.run.log_every == 0 or step == config.train.steps:
-                console(M.format_line(row, config.train.steps))
+            row["perf/peak_mem_gib"] = M.peak_memory_gib(device)
+            last = step == config.train.steps
+            if eval_set is not None and (last or (config.eval.every and step % config.eval.every == 0)):
+                eval_row, evaluations["after"] = evaluate(engine, scorer, eval_set, config)
+                row.update(eval_row)
+            for message in alarms.check(row):
+                console.message(f"alarm: {message}", style="bold red")
+            if step % track.samples_every == 0 or last:
+                write_samples(run_dir, step, train_set, batch_rows, completions, scores, config)
+            loggers.log(row)
+            console.step(row)
+
+            skipped_in_a_row = skipped_in_a_row + 1 if update["optim/skipped_updates"] else 0
+            if skipped_in_a_row >= config.train.max_skipped_steps:
+                raise AhaError(
+                    f"the loss or gradient was NaN/inf in {skipped_in_a_row} steps in a row, so their updates were "
+                    "skipped; stopping. Likely causes: a learning rate too high (optim.lr), float16 overflow "
+                    "(use model.dtype=bfloat16 or float32), or extreme reward values"
+                )
     finally:
+        console.close()
+        loggers.close()
         engine.close()
         scorer.close()
 
     if config.run.save_model:
         policy.save_pretrained(run_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(run_dir / "model")
+    if track.dashboard:
+        plot_runs([run_dir], run_dir / "dashboard.png")
+        write_samples_html(run_dir)
+        console.message(
+            f"dashboard: {run_dir / 'dashboard.png'}, samples: {run_dir / 'samples.html'}", "green"
+        )
+    if "before" in evaluations and "after" in evaluations:
+        console.message(before_after(evaluations["before"], evaluations["after"]), style="white")
     return run_dir
 
 
@@ -213,12 +264,15 @@ def update_policy(
                 continue
             num_tokens = sum(len(s.completion_ids) for s in mini)
             optimizer.zero_grad(set_to_none=True)
+            finite = True
             for start in range(0, len(mini), micro):
                 chunk = mini[start : start + micro]
                 batch = _pack(chunk, pad_id)
                 device = next(policy.parameters()).device
                 mask = batch.completion_mask.to(device)  # [b, T]
-                logprobs, entropy = completion_logprobs(policy, batch, temperature, with_entropy=True)  # [b, T]
+                logprobs, entropy = completion_logprobs(
+                    policy, batch, temperature, with_entropy=True
+                )  # [b, T]
                 if single_update:
                     # One update per batch: the weights that sampled this batch are exactly the current weights
                     # (nothing has changed them since generation), so old log-probs equal these log-probs.
@@ -226,14 +280,20 @@ def update_policy(
                     old_logprobs = logprobs.detach()
                 else:
                     old_logprobs = _stack([old[id(s)] for s in chunk], logprobs)
-                rollout_logprobs = _stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs)  # [b, T]
+                rollout_logprobs = _stack(
+                    [torch.tensor(s.rollout_logprobs) for s in chunk], logprobs
+                )  # [b, T]
                 adv = torch.tensor([s.advantage for s in chunk], device=device)  # [b]
                 per_token, clip_low, clip_high = policy_loss(
                     logprobs, old_logprobs, adv, algo.clip_low, algo.clip_high, algo.dual_clip
                 )  # [b, T]
                 if algo.tis_cap is not None:
                     per_token = per_token * truncated_is_weight(old_logprobs, rollout_logprobs, algo.tis_cap)
-                norm = {"max_len": config.rollout.max_new_tokens, "num_seqs": len(mini), "num_tokens": num_tokens}
+                norm = {
+                    "max_len": config.rollout.max_new_tokens,
+                    "num_seqs": len(mini),
+                    "num_tokens": num_tokens,
+                }
                 pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
                 loss = pg_loss
                 kl = None
@@ -243,15 +303,17 @@ def update_policy(
                     kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
                     loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
                 if not torch.isfinite(loss):
-                    raise AhaError(
-                        "the loss is not finite (NaN/inf): lower optim.lr, check the rewards for extreme values, "
-                        "or use model.dtype=float32"
-                    )
+                    finite = False  # skip this mini-batch's update; the loop stops after repeated skips
+                    break
                 loss.backward()
                 ratio = torch.exp(logprobs.detach() - old_logprobs)
                 sums.add(mask, pg_loss, entropy, clip_low, clip_high, ratio, kl)
                 sums.add_mismatch(mask, old_logprobs, rollout_logprobs)
-            grad_norm = _clip_grad(policy, config.optim.grad_clip)
+            grad_norm = _clip_grad(policy, config.optim.grad_clip) if finite else float("nan")
+            if not math.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                sums.skipped += 1
+                continue
             optimizer.step()
             scheduler.step()
             sums.add_step(grad_norm, scheduler.get_last_lr()[0])
@@ -341,20 +403,79 @@ def load_policy(path: Path | str, dtype: str, device: torch.device) -> tuple[Any
     return tokenizer, model.to(device)
 
 
-def encode_prompts(rows: list[dict], config: Config, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
-    """Template and tokenize every prompt once; prompts over max_prompt_tokens are an error."""
-    texts, ids = [], []
-    for i, row in enumerate(rows):
-        question = row.get(config.data.prompt_key)
-        if not isinstance(question, str) or not question:
-            raise DataError(f"row {i} of {config.data.source!r}: field {config.data.prompt_key!r} is missing or empty")
-        text = apply_template(config.data.template, question, tokenizer)
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(tokens) > config.data.max_prompt_tokens:
-            raise DataError(
-                f"row {i}: the prompt has {len(tokens)} tokens, over data.max_prompt_tokens="
-                f"{config.data.max_prompt_tokens}; raise the limit or shorten the prompt"
-            )
-        texts.append(text)
-        ids.append(tokens)
-    return texts, ids
+# ------------------------------------------------------------------------------------- eval and samples
+
+
+def evaluate(
+    engine: Any, scorer: RewardScorer, eval_set: PromptSet, config: Config
+) -> tuple[dict, list[dict]]:
+    """Held-out evaluation with the rollout engine: eval.samples completions per problem, mean accuracy."""
+    params = SamplingParams(
+        n=config.eval.samples,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.eval.temperature,
+        top_p=config.rollout.top_p if config.eval.temperature else 1.0,
+        stop=tuple(config.rollout.stop),
+        seed=config.train.seed,
+    )
+    rows = list(range(len(eval_set)))
+    completions = [c for group in engine.generate(eval_set.ids, params) for c in group]
+    scores = eval_set.score(scorer, rows, completions, config.eval.samples)
+    lengths = [len(c.token_ids) for c in completions]
+    finite = [r for r in scores.total if r == r]
+    out = {
+        "eval/reward_mean": sum(finite) / len(finite) if finite else float("nan"),
+        "eval/len_mean": sum(lengths) / len(lengths),
+        "eval/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+    }
+    if scores.correct is not None:
+        judged = [c for c in scores.correct if c is not None]
+        out["eval/accuracy"] = sum(judged) / len(judged) if judged else float("nan")
+    records = [
+        {"prompt": eval_set.texts[i // config.eval.samples], "completion": c.text, "reward": r, "length": n}
+        for i, (c, r, n) in enumerate(zip(completions, scores.total, lengths, strict=True))
+    ]
+    return out, records
+
+
+def eval_summary(row: dict) -> str:
+    acc = f"accuracy {row['eval/accuracy']:.3f}, " if "eval/accuracy" in row else ""
+    return f"{acc}reward {row['eval/reward_mean']:.3f}, mean length {row['eval/len_mean']:.1f} tokens"
+
+
+def before_after(before: list[dict], after: list[dict], count: int = 3) -> str:
+    """A few held-out problems with the base model's and the trained model's completions."""
+    lines = ["held-out samples, before -> after training:"]
+    for b, a in list(zip(before, after, strict=True))[:count]:
+        lines.append(f"  prompt: {b['prompt']!r}")
+        lines.append(f"    before (reward {b['reward']:.2f}, {b['length']} tokens): {b['completion']!r}")
+        lines.append(f"    after  (reward {a['reward']:.2f}, {a['length']} tokens): {a['completion']!r}")
+    return "\n".join(lines)
+
+
+def write_samples(
+    run_dir: Path,
+    step: int,
+    train_set: PromptSet,
+    rows: list[int],
+    completions: list,
+    scores: Any,
+    config: Config,
+) -> None:
+    """Append whole groups of a few of this step's prompts to samples.jsonl."""
+    group_size = config.rollout.group_size
+    records = sample_records(
+        step,
+        [train_set.texts[r] for r in rows for _ in range(group_size)],
+        [c.text for c in completions],
+        [len(c.token_ids) for c in completions],
+        [c.finish_reason for c in completions],
+        scores.total,
+        scores.correct,
+        group_size,
+        config.track.samples_prompts,
+        config.train.seed,
+    )
+    with (run_dir / "samples.jsonl").open("a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")

@@ -78,7 +78,11 @@ class TransformersEngine:
         max_stop = max((len(s) for s in params.stop), default=0) + 1
 
         out = self.policy(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
         )
         steps = 0
         for t in range(params.max_new_tokens):
@@ -101,7 +105,9 @@ class TransformersEngine:
             stopped |= newly
             if bool(stopped.all()) or t + 1 == params.max_new_tokens:
                 break
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], 1)
+            attention = torch.cat(
+                [attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], 1
+            )
             positions = positions[:, -1:] + 1  # [B, 1]
             out = self.policy(
                 input_ids=next_ids[:, None],

@@ -24,7 +24,9 @@ def _assert_clean_error(result: subprocess.CompletedProcess, message: str) -> No
 def test_unknown_key_in_recipe_exits_with_a_suggestion(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  stpes: 3\n")
-    _assert_clean_error(aha("train", str(recipe)), "unknown config key 'train.stpes'; did you mean 'train.steps'?")
+    _assert_clean_error(
+        aha("train", str(recipe)), "unknown config key 'train.stpes'; did you mean 'train.steps'?"
+    )
 
 
 def test_missing_recipe_file_exits_with_an_error(tmp_path):

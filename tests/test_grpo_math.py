@@ -20,8 +20,14 @@ S = 1 / math.sqrt(3)  # unbiased std of {1, 0, 0} and of {1, 1, 0}
         ("mean", "group", [[2 * S, -S, -S], [S, S, -2 * S]]),
         ("mean", "none", [[2 / 3, -1 / 3, -1 / 3], [1 / 3, 1 / 3, -2 / 3]]),
         # batch std of [1,0,0,1,1,0] = sqrt(0.3)
-        ("mean", "batch", [[x / math.sqrt(0.3) for x in (2 / 3, -1 / 3, -1 / 3)],
-                           [x / math.sqrt(0.3) for x in (1 / 3, 1 / 3, -2 / 3)]]),
+        (
+            "mean",
+            "batch",
+            [
+                [x / math.sqrt(0.3) for x in (2 / 3, -1 / 3, -1 / 3)],
+                [x / math.sqrt(0.3) for x in (1 / 3, 1 / 3, -2 / 3)],
+            ],
+        ),
         ("loo", "none", [[1.0, -0.5, -0.5], [0.5, 0.5, -1.0]]),
     ],
 )
@@ -64,7 +70,9 @@ def test_vectorized_advantages_match_loop_reference(baseline, scale):
     rng = random.Random(0)
     rewards = [[rng.choice([0.0, 0.5, 1.0]) + rng.random() for _ in range(5)] for _ in range(4)]
     got = group_advantages(torch.tensor(rewards, dtype=torch.float64), baseline, scale)
-    torch.testing.assert_close(got, torch.tensor(_loop_advantages(rewards, baseline, scale), dtype=torch.float64))
+    torch.testing.assert_close(
+        got, torch.tensor(_loop_advantages(rewards, baseline, scale), dtype=torch.float64)
+    )
 
 
 def _ratios_to_logprobs(ratios):
@@ -139,7 +147,9 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch_loss(mode):
     mask[:, 0] = 1
     full = aggregate_loss(loss, mask, mode, max_len=5)
     counts = {"num_seqs": 6, "num_tokens": int(mask.sum())}
-    parts = sum(aggregate_loss(loss[i : i + 2], mask[i : i + 2], mode, max_len=5, **counts) for i in (0, 2, 4))
+    parts = sum(
+        aggregate_loss(loss[i : i + 2], mask[i : i + 2], mode, max_len=5, **counts) for i in (0, 2, 4)
+    )
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
 

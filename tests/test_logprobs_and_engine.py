@@ -76,7 +76,9 @@ def test_engine_greedy_is_deterministic_and_left_padding_does_not_change_it(tiny
     engine = TransformersEngine(tiny_model, tokenizer)
     short = [5, 6]
     alone = engine.generate([short], SamplingParams(n=1, max_new_tokens=6, temperature=0))[0][0]
-    padded = engine.generate([[9, 9, 9, 9, 9], short], SamplingParams(n=1, max_new_tokens=6, temperature=0))[1][0]
+    padded = engine.generate([[9, 9, 9, 9, 9], short], SamplingParams(n=1, max_new_tokens=6, temperature=0))[
+        1
+    ][0]
     assert alone.token_ids == padded.token_ids
 
 

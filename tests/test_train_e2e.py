@@ -24,7 +24,9 @@ def _setup(tmp_path, monkeypatch):
     (tmp_path / "toy_rewards.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tmp_path / "prompts.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p, "answer": "a"}) for p in ["abc", "The", "What is", "cab"]))
+    data.write_text(
+        "\n".join(json.dumps({"prompt": p, "answer": "a"}) for p in ["abc", "The", "What is", "cab"])
+    )
     return data
 
 
@@ -41,12 +43,14 @@ def test_mean_reward_rises_on_a_learnable_reward(tmp_path, monkeypatch, tiny_mod
             "train.micro_batch_size=16",
             "rollout.group_size=8",
             "rollout.max_new_tokens=8",
-            "optim.lr=3e-3",
+            "optim.lr=1e-2",
             f"run.dir={tmp_path / 'runs'}",
             "run.name=e2e",
+            "track.console=quiet",
+            "eval.size=0",
         ],
     )
-    run_dir = train(config, console=lambda line: None)
+    run_dir = train(config)
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -84,9 +88,12 @@ def test_kl_and_multiple_updates_per_batch_run_and_log_their_metrics(tmp_path, m
             "optim.warmup_steps=2",
             f"run.dir={tmp_path / 'runs'}",
             "run.save_model=false",
+            "track.console=quiet",
+            "eval.size=0",
+            "track.dashboard=false",
         ],
     )
-    run_dir = train(config, console=lambda line: None)
+    run_dir = train(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["optim/updates"] == 4 for r in rows)  # 2 epochs x 2 mini-batches
     assert all(r["loss/kl"] >= 0 for r in rows)

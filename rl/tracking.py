@@ -1,0 +1,215 @@
+"""Seeing a run while it trains: alarms, loggers (jsonl, TensorBoard, W&B, trackio), console and samples.
+
+`metrics.jsonl` is always written; every other logger is optional and imported only when asked for, so
+none of them is a dependency of the loop. Alarms catch the failures that otherwise waste a run quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl.errors import AhaError
+
+
+# ------------------------------------------------------------------------------------------------ alarms
+@dataclass
+class Alarms:
+    """Stateful checks over the stream of step metrics. `check` returns messages and marks the row.
+
+    zero_reward      every sample scored 0 for `zero_reward_steps` steps in a row
+    truncation       more than `truncation_frac` of the completions hit the token limit
+    collapse         at least `collapse_frac` of the groups had identical rewards for `collapse_steps` steps
+    nonfinite_loss   the loss or the gradient was NaN/inf (the update was skipped)
+    """
+
+    max_new_tokens: int
+    zero_reward_steps: int = 5
+    truncation_frac: float = 0.5
+    collapse_frac: float = 0.9
+    collapse_steps: int = 5
+    _zero_run: int = 0
+    _collapse_run: int = 0
+
+    def check(self, row: dict[str, float]) -> list[str]:
+        messages = []
+        all_zero = row.get("reward/mean") == 0 and row.get("reward/std") == 0
+        self._zero_run = self._zero_run + 1 if all_zero else 0
+        if self._zero_run >= self.zero_reward_steps:
+            row["alarm/zero_reward"] = 1.0
+            messages.append(
+                f"every reward has been 0 for {self._zero_run} steps: there is no learning signal. Check that "
+                "the reward matches the output format (answer tags, \\boxed{}), the answer column, and look at "
+                "`aha samples RUN_DIR`"
+            )
+        truncated = row.get("rollout/truncated_frac", 0.0)
+        if truncated > self.truncation_frac:
+            row["alarm/truncation"] = 1.0
+            messages.append(
+                f"{truncated:.0%} of the completions hit rollout.max_new_tokens={self.max_new_tokens} without "
+                f"finishing: the limit is too low. Raise it at least 2x, to rollout.max_new_tokens="
+                f"{2 * self.max_new_tokens}, or truncated answers score as wrong"
+            )
+        collapsed = row.get("reward/zero_std_frac", 0.0) >= self.collapse_frac
+        self._collapse_run = self._collapse_run + 1 if collapsed else 0
+        if self._collapse_run >= self.collapse_steps:
+            row["alarm/reward_collapse"] = 1.0
+            messages.append(
+                f"{row['reward/zero_std_frac']:.0%} of the groups have identical rewards for {self._collapse_run} "
+                "steps: they carry no gradient. The task is too easy or too hard for the model; try a larger "
+                "rollout.group_size, a higher temperature, or other data"
+            )
+        if row.get("optim/skipped_updates", 0) > 0:
+            row["alarm/nonfinite_loss"] = 1.0
+            messages.append(
+                f"{int(row['optim/skipped_updates'])} update(s) skipped this step: the loss or gradient was NaN/inf"
+            )
+        return messages
+
+
+# ----------------------------------------------------------------------------------------------- loggers
+class Loggers:
+    """metrics.jsonl always; TensorBoard, Weights & Biases and trackio when enabled."""
+
+    def __init__(
+        self, run_dir: Path, config: dict, tensorboard: bool, wandb: bool, trackio: bool, project: str
+    ) -> None:
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.backends: list[Any] = []
+        self.warnings: list[str] = []
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.warnings.append(
+                    "TensorBoard is not installed (pip install tensorboard): not logging to it"
+                )
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.backends.append(("tensorboard", self.tb))
+        for name, wanted in (("wandb", wandb), ("trackio", trackio)):
+            if not wanted:
+                continue
+            try:
+                module = __import__(name)
+            except ImportError:
+                raise AhaError(f"track.{name}=true but {name} is not installed: pip install {name}") from None
+            run = module.init(project=project, name=run_dir.name, config=config)
+            self.backends.append((name, run if name == "wandb" else module))
+
+    def log(self, row: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        step = int(row["step"])
+        for name, backend in self.backends:
+            if name == "tensorboard":
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                        backend.add_scalar(key, value, step)
+            else:
+                backend.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        for name, backend in self.backends:
+            if name == "tensorboard":
+                backend.close()
+            elif name == "wandb":
+                backend.finish()
+            else:
+                backend.finish()
+
+
+# ----------------------------------------------------------------------------------------------- console
+class Console:
+    """`rich`: a live progress bar with the key numbers; `plain`: one line per logged step; `quiet`: alarms
+    and the final summary only. Messages (alarms, notes) always print."""
+
+    def __init__(self, mode: str, total_steps: int, log_every: int = 1) -> None:
+        self.mode, self.total, self.log_every = mode, total_steps, log_every
+        if mode == "rich" and not sys.stdout.isatty():
+            self.mode = "plain"  # a log file or CI: no live display
+        self.start = time.perf_counter()
+        self.progress = None
+        if self.mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
+            self.task = self.progress.add_task("", total=total_steps)
+            self.progress.start()
+
+    def step(self, row: dict[str, float]) -> None:
+        if self.mode == "rich":
+            self.progress.update(self.task, completed=int(row["step"]), description=summary(row, short=True))
+        elif self.mode == "plain" and (row["step"] % self.log_every == 0 or row["step"] == self.total):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / row["step"] * (self.total - row["step"])
+            print(f"step {int(row['step'])}/{self.total} | {summary(row)} | eta {eta:.0f}s", flush=True)
+
+    def message(self, text: str, style: str = "yellow") -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[{style}]{text}[/{style}]")
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def summary(row: dict[str, float], short: bool = False) -> str:
+    """The numbers a person watches: reward, accuracy, mean length, truncation, throughput."""
+    parts = [f"reward {row['reward/mean']:.3f}"]
+    if "reward/accuracy" in row:
+        parts.append(f"acc {row['reward/accuracy']:.3f}")
+    parts.append(f"len {row['rollout/len_mean']:.1f}")
+    if not short:
+        parts += [f"trunc {row['rollout/truncated_frac']:.2f}", f"loss {row['loss/policy']:+.4f}"]
+    parts += [f"{row['perf/rollout_tok_s']:.0f} tok/s", f"{row['perf/step_s']:.1f} s/step"]
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- samples
+def sample_records(
+    step: int,
+    prompts: list[str],
+    texts: list[str],
+    lengths: list[int],
+    finish: list[str],
+    rewards: list[float],
+    correct: list[bool | None] | None,
+    group_size: int,
+    num_prompts: int,
+    seed: int,
+) -> list[dict]:
+    """Whole groups of `num_prompts` randomly chosen prompts of a step, as JSON-ready records."""
+    groups = len(texts) // group_size
+    chosen = sorted(random.Random(seed * 7919 + step).sample(range(groups), min(num_prompts, groups)))
+    records = []
+    for g in chosen:
+        for i in range(g * group_size, (g + 1) * group_size):
+            records.append(
+                {
+                    "step": step,
+                    "group": g,
+                    "prompt": prompts[i],
+                    "completion": texts[i],
+                    "reward": rewards[i],
+                    "correct": None if correct is None else correct[i],
+                    "length": lengths[i],
+                    "finish_reason": finish[i],
+                }
+            )
+    return records
