@@ -45,6 +45,9 @@ class DataConfig:
     """Prompts longer than this (after the template) are an error."""
     limit: int | None = None
     """Use only the first N rows (handy for smoke runs)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A row with a missing or empty field, or a prompt over max_prompt_tokens: stop with an error naming the
+    row and field, or skip it (the count is printed)."""
 
 
 @dataclass
@@ -146,6 +149,9 @@ class TrainConfig:
     """CPU threads for torch (null = torch's default)."""
     max_skipped_steps: int = 3
     """Stop the run after this many consecutive steps whose updates were skipped for a NaN/inf loss."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): bit-identical reruns and resumes on the same hardware, slower
+    on GPU."""
 
 
 @dataclass
@@ -202,6 +208,17 @@ class RunConfig:
     """Parent directory of run directories."""
     save_model: bool = True
     """Save the final policy with save_pretrained into <run>/model."""
+    checkpoint_every: int = 0
+    """Save a checkpoint (policy, optimizer, scheduler, RNG, data position) every N steps; 0 = only at the end.
+    Ctrl-C / SIGTERM also saves one at the next step boundary."""
+    keep_last: int = 2
+    """Checkpoints kept (older ones are deleted); 0 = keep all."""
+    keep_best: str | None = None
+    """Also keep the checkpoint with the best value of this metric (e.g. eval/accuracy); null = off."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller keep_best metric is better."""
+    resume: str | None = None
+    """`auto`: continue from the latest complete checkpoint of this run; or a checkpoint directory path."""
 
 
 @dataclass
@@ -412,6 +429,8 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.betas must be two numbers, e.g. [0.9, 0.999]")
     if config.eval.size < 0 or config.eval.samples < 1 or config.eval.every < 0:
         raise ConfigError("eval.size and eval.every must be >= 0 and eval.samples >= 1")
+    if config.run.checkpoint_every < 0 or config.run.keep_last < 0:
+        raise ConfigError("run.checkpoint_every and run.keep_last must be >= 0")
     if config.track.samples_every < 1 or config.track.log_every < 1:
         raise ConfigError("track.samples_every and track.log_every must be at least 1")
     if not config.rewards:

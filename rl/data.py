@@ -97,6 +97,10 @@ class PromptSampler:
         self._order = self._shuffled(self.epoch)
 
 
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str | list | dict) and len(value) == 0)
+
+
 @dataclass
 class PromptSet:
     """Rows of a dataset with their templated prompt texts and token ids, encoded once."""
@@ -105,6 +109,7 @@ class PromptSet:
     texts: list[str]
     ids: list[list[int]]
     columns: list[str]  # fields passed to reward functions: every field but the prompt
+    skipped: int = 0  # bad rows dropped (data.on_bad_row=skip)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -120,36 +125,42 @@ class PromptSet:
         exclude: set[str] = frozenset(),
         size: int | None = None,
     ) -> PromptSet:
-        """Load, check and encode a dataset. Rows whose prompt is in `exclude` are dropped (held-out sets);
-        `size` keeps the first that many of the rest."""
-        rows = load_rows(source, split, limit, seed=config.train.seed)
-        key = config.data.prompt_key
-        check_column(rows, key, source)
-        if exclude:
-            rows = [
-                r
-                for r in rows
-                if apply_template(config.data.template, str(r.get(key)), tokenizer) not in exclude
-            ]
-            if not rows:
-                raise DataError(f"every row of {source!r} ({split}) also appears in the training data")
-        if size is not None:
-            rows = rows[:size]
-        texts, ids = [], []
-        for i, row in enumerate(rows):
-            question = row.get(key)
-            if not isinstance(question, str) or not question:
-                raise DataError(f"row {i} of {source!r}: field {key!r} is missing or empty")
-            text = apply_template(config.data.template, question, tokenizer)
-            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(tokens) > config.data.max_prompt_tokens:
-                raise DataError(
-                    f"row {i} of {source!r}: the prompt has {len(tokens)} tokens, over data.max_prompt_tokens="
-                    f"{config.data.max_prompt_tokens}; raise the limit or shorten the prompt"
-                )
+        """Load, check and encode a dataset.
+
+        Bad rows (a missing or empty field, a prompt over data.max_prompt_tokens) stop with an error that names
+        the row and the field, or are skipped and counted (data.on_bad_row). Rows whose prompt is in
+        `exclude` are dropped (held-out sets); `size` keeps the first that many of the rest.
+        """
+        data = config.data
+        raw = load_rows(source, split, limit, seed=config.train.seed)
+        check_column(raw, data.prompt_key, source)
+        fields = sorted({k for row in raw for k in row})
+        rows, texts, ids, skipped = [], [], [], 0
+        for i, row in enumerate(raw):
+            problem = next((f"field {f!r} is missing or empty" for f in fields if _empty(row.get(f))), None)
+            if problem is None:
+                text = apply_template(data.template, str(row[data.prompt_key]), tokenizer)
+                if text in exclude:
+                    continue
+                tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(tokens) > data.max_prompt_tokens:
+                    problem = f"the prompt has {len(tokens)} tokens, over data.max_prompt_tokens={data.max_prompt_tokens}"
+            if problem is not None:
+                if data.on_bad_row == "error":
+                    raise DataError(
+                        f"row {i} of {source!r} ({split}): {problem}. Fix the data, or set data.on_bad_row=skip "
+                        "to skip such rows"
+                    )
+                skipped += 1
+                continue
+            rows.append(row)
             texts.append(text)
             ids.append(tokens)
-        return cls(rows, texts, ids, sorted(k for k in rows[0] if k != key))
+            if size is not None and len(rows) == size:
+                break
+        if not rows:
+            raise DataError(f"no usable rows in {source!r} ({split}): {skipped} bad, the rest excluded")
+        return cls(rows, texts, ids, sorted(k for k in fields if k != data.prompt_key), skipped)
 
     def score(self, scorer: Any, rows: list[int], completions: list[Any], group_size: int) -> Any:
         """Score completions of `rows` (each row's group_size completions contiguous) with the reward scorer."""
@@ -157,5 +168,5 @@ class PromptSet:
         return scorer(
             [self.texts[r] for r in flat],
             [c.text for c in completions],
-            {k: [self.rows[r][k] for r in flat] for k in self.columns},
+            {k: [self.rows[r].get(k) for r in flat] for k in self.columns},
         )

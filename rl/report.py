@@ -13,14 +13,14 @@ from pathlib import Path
 
 from rl.errors import AhaError
 
-# (title, [(metric, label)], y-axis label) of each dashboard panel
+# (title, [(metric, label)], y-axis label, y range or None) of each dashboard panel
 PANELS = [
-    ("Reward", [("reward/mean", "reward")], "mean reward"),
-    ("Accuracy", [("reward/accuracy", "train"), ("eval/accuracy", "held-out")], "accuracy"),
-    ("Response length", [("rollout/len_mean", "mean")], "tokens"),
-    ("Truncation", [("rollout/truncated_frac", "truncated")], "fraction of completions"),
-    ("Reflection words", [("rollout/reflection_frac", "reflection")], "fraction of completions"),
-    ("KL / entropy", [("loss/kl", "KL"), ("policy/entropy", "entropy")], "nats per token"),
+    ("Reward", [("reward/mean", "reward")], "mean reward", None),
+    ("Accuracy", [("reward/accuracy", "train"), ("eval/accuracy", "held-out")], "accuracy", (0, 1.02)),
+    ("Response length", [("rollout/len_mean", "mean")], "tokens", None),
+    ("Truncation", [("rollout/truncated_frac", "truncated")], "fraction of completions", (0, 1.02)),
+    ("Reflection words", [("rollout/reflection_frac", "reflection")], "fraction of completions", (0, None)),
+    ("KL / entropy", [("loss/kl", "KL"), ("policy/entropy", "entropy")], "nats per token", None),
 ]
 
 
@@ -46,7 +46,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     runs = [(Path(d).name or str(d), read_metrics(Path(d))) for d in run_dirs]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, keys, ylabel) in zip(axes.flat, PANELS, strict=True):
+    for ax, (title, keys, ylabel, ylim) in zip(axes.flat, PANELS, strict=True):
         for r, (name, rows) in enumerate(runs):
             color = colors[r % len(colors)]
             for k, (key, label) in enumerate(keys):
@@ -60,6 +60,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
                     lo_steps, p90 = _series(rows, "rollout/len_p90")
                     if len(lo_steps) == len(steps):
                         ax.fill_between(steps, values, p90, color=color, alpha=0.2, label=f"{legend} to p90")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)

@@ -37,6 +37,12 @@ class Alarms:
     _zero_run: int = 0
     _collapse_run: int = 0
 
+    def state_dict(self) -> dict:
+        return {"zero_run": self._zero_run, "collapse_run": self._collapse_run}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._zero_run, self._collapse_run = state["zero_run"], state["collapse_run"]
+
     def check(self, row: dict[str, float]) -> list[str]:
         messages = []
         all_zero = row.get("reward/mean") == 0 and row.get("reward/std") == 0

@@ -16,6 +16,8 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 
 from rewards import RewardScorer
 from rl import metrics as M
+from rl.checkpoint import find_resume_point, load_training_state, save_checkpoint, truncate_log
 from rl.config import Config, dump_config, to_dict
 from rl.data import PromptSampler, PromptSet
 from rl.errors import AhaError
@@ -50,25 +53,171 @@ class Sample:
     valid: bool  # False when no reward function scored it: kept out of the loss
 
 
+@dataclass
+class Run:
+    """Everything a run holds, built once by `start_run` (fresh or resumed from a checkpoint)."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    tokenizer: Any
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    train_set: PromptSet
+    eval_set: PromptSet | None
+    scorer: RewardScorer
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: PromptSampler
+    loggers: Loggers
+    console: Console
+    alarms: Alarms
+    start_step: int = 1
+    skipped_in_a_row: int = 0
+
+    def close(self) -> None:
+        self.console.close()
+        self.loggers.close()
+        self.engine.close()
+        self.scorer.close()
+
+
 def train(config: Config) -> Path:
     """Run GRPO as configured; returns the run directory."""
-    # ---- setup -------------------------------------------------------------------------------------------
+    run = start_run(config)
+    policy, engine, track, group_size = run.policy, run.engine, config.track, config.rollout.group_size
+    params = SamplingParams(
+        n=group_size,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        stop=tuple(config.rollout.stop),
+    )
+    evaluations: dict[str, list[dict]] = {}
+    stop = GracefulStop(run.console)
+    try:
+        if run.eval_set is not None and run.start_step == 1:
+            row, evaluations["before"] = evaluate(engine, run.scorer, run.eval_set, config)
+            run.loggers.log({"step": 0, **row})
+            run.console.message(f"held-out before training: {eval_summary(row)}", style="cyan")
+
+        for step in range(run.start_step, config.train.steps + 1):
+            step_start = time.perf_counter()
+
+            # ---- 1. prompts: whole groups, from a resumable shuffled order ----------------------------------
+            batch_rows = run.sampler.next_batch(config.train.prompts_per_step)
+
+            # ---- 2. rollout: G completions per prompt -------------------------------------------------------
+            t = time.perf_counter()
+            step_params = dataclasses.replace(params, seed=config.train.seed * 100_003 + step)
+            groups = engine.generate([run.train_set.ids[r] for r in batch_rows], step_params)
+            rollout_s = time.perf_counter() - t
+            completions = [c for group in groups for c in group]  # [P * G], prompt-major
+
+            # ---- 3. rewards ---------------------------------------------------------------------------------
+            t = time.perf_counter()
+            scores = run.train_set.score(run.scorer, batch_rows, completions, group_size)
+            reward_s = time.perf_counter() - t
+
+            # ---- 4. advantages ------------------------------------------------------------------------------
+            rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, group_size)  # [P, G]
+            valid = ~torch.isnan(rewards)  # NaN: every reward function returned None for that sample
+            advantages = group_advantages(
+                fill_missing(rewards, valid), config.algorithm.baseline, config.algorithm.scale
+            )  # [P, G]
+            samples = [
+                Sample(g := i // group_size, run.train_set.ids[batch_rows[g]], c.token_ids, c.logprobs, a, v)
+                for i, (c, a, v) in enumerate(
+                    zip(completions, advantages.flatten().tolist(), valid.flatten().tolist(), strict=True)
+                )
+            ]
+
+            # ---- 5. policy update ---------------------------------------------------------------------------
+            t = time.perf_counter()
+            engine.sleep()
+            update = update_policy(
+                policy,
+                run.reference,
+                run.optimizer,
+                run.scheduler,
+                samples,
+                config,
+                run.tokenizer.pad_token_id,
+            )
+            update_s = time.perf_counter() - t
+
+            # ---- 6. weight sync -----------------------------------------------------------------------------
+            t = time.perf_counter()
+            engine.wake()
+            engine.update_weights(policy)
+            sync_s = time.perf_counter() - t
+
+            # ---- 7. metrics, alarms, samples, checkpoint ----------------------------------------------------
+            step_s = time.perf_counter() - step_start
+            row = {"step": step}
+            row.update(M.reward_metrics(rewards, valid, scores))
+            row.update(M.rollout_metrics(completions, scores.correct, rollout_s, track.reflection_words))
+            row.update(update)
+            row.update(
+                M.timing_metrics(rollout_s, reward_s, update_s, sync_s, step_s, update["perf/update_tokens"])
+            )
+            row["perf/peak_mem_gib"] = M.peak_memory_gib(run.device)
+            last = step == config.train.steps
+            if run.eval_set is not None and (last or (config.eval.every and step % config.eval.every == 0)):
+                eval_row, evaluations["after"] = evaluate(engine, run.scorer, run.eval_set, config)
+                row.update(eval_row)
+            for message in run.alarms.check(row):
+                run.console.message(f"alarm: {message}", style="bold red")
+            if step % track.samples_every == 0 or last:
+                write_samples(run.run_dir, step, run.train_set, batch_rows, completions, scores, config)
+            run.loggers.log(row)
+            run.console.step(row)
+
+            run.skipped_in_a_row = run.skipped_in_a_row + 1 if update["optim/skipped_updates"] else 0
+            every = config.run.checkpoint_every
+            if last or stop.requested or (every and step % every == 0):
+                save_run_checkpoint(run, step, row)
+            if run.skipped_in_a_row >= config.train.max_skipped_steps:
+                raise AhaError(
+                    f"the loss or gradient was NaN/inf in {run.skipped_in_a_row} steps in a row, so their updates "
+                    "were skipped; stopping. Likely causes: a learning rate too high (optim.lr), float16 overflow "
+                    "(use model.dtype=bfloat16 or float32), or extreme reward values"
+                )
+            if stop.requested:
+                run.console.message(
+                    f"stopped after step {step}; checkpoint saved. Continue with: aha train ... resume=auto",
+                    "yellow",
+                )
+                return run.run_dir
+    finally:
+        stop.restore()
+        run.close()
+
+    finish_run(run, evaluations)
+    return run.run_dir
+
+
+def start_run(config: Config) -> Run:
+    """Build the run: model(s), data, rewards, engine, optimizer; restore a checkpoint when resuming."""
     seed_everything(config.train.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     device = pick_device(config.train.device)
     run_dir = config.run_dir
+    resume_from = find_resume_point(run_dir, config.run.resume) if config.run.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")
-    for stale in ("metrics.jsonl", "samples.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
 
     model_path = resolve_model_path(config.model.path)
-    tokenizer, policy = load_policy(model_path, config.model.dtype, device)
+    policy_path = resume_from / "model" if resume_from else model_path
+    tokenizer, policy = load_policy(policy_path, config.model.dtype, device)
     # R1-Zero default: kl_coef = 0 loads no reference model at all.
-    reference = (
-        load_policy(model_path, config.model.dtype, device)[1].eval() if config.algorithm.kl_coef else None
-    )
+    reference = None
+    if config.algorithm.kl_coef:
+        reference = load_policy(model_path, config.model.dtype, device)[1].eval().requires_grad_(False)
 
     train_set = PromptSet.load(config, config.data.source, config.data.split, config.data.limit, tokenizer)
     eval_set = None
@@ -78,12 +227,11 @@ def train(config: Config) -> Path:
             exclude=set(train_set.texts), size=config.eval.size,
         )  # fmt: skip
 
-    scorer = RewardScorer(config.rewards)
     engine = build_engine(
         config.rollout.engine,
         policy=policy,
         tokenizer=tokenizer,
-        model_path=str(model_path),
+        model_path=str(policy_path),
         dtype=config.model.dtype,
         context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
         seed=config.train.seed,
@@ -99,129 +247,100 @@ def train(config: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, config.optim.warmup_steps, total_updates, config.optim.schedule)
     )
-    sampler = PromptSampler(len(train_set), config.train.seed)
-    group_size = config.rollout.group_size
-    params = SamplingParams(
-        n=group_size,
-        max_new_tokens=config.rollout.max_new_tokens,
-        temperature=config.rollout.temperature,
-        top_p=config.rollout.top_p,
-        stop=tuple(config.rollout.stop),
-    )
+    state = load_training_state(resume_from, optimizer, scheduler) if resume_from else None
+    for log in ("metrics.jsonl", "samples.jsonl"):
+        if state is not None:
+            truncate_log(run_dir / log, state["step"])  # steps logged after the checkpoint are redone
+        else:
+            (run_dir / log).unlink(missing_ok=True)
 
     track = config.track
-    loggers = Loggers(run_dir, to_dict(config), track.tensorboard, track.wandb, track.trackio, track.project)
-    console = Console(track.console, config.train.steps, track.log_every)
-    for warning in loggers.warnings:
-        console.message(warning)
-    alarms = Alarms(config.rollout.max_new_tokens, track.zero_reward_steps, track.truncation_alarm)
-    evaluations: dict[str, list[dict]] = {}
-    skipped_in_a_row = 0
-    try:
-        if eval_set is not None:
-            row, evaluations["before"] = evaluate(engine, scorer, eval_set, config)
-            loggers.log({"step": 0, **row})
-            console.message(f"held-out before training: {eval_summary(row)}", style="cyan")
+    run = Run(
+        config=config,
+        run_dir=run_dir,
+        device=device,
+        tokenizer=tokenizer,
+        policy=policy,
+        reference=reference,
+        train_set=train_set,
+        eval_set=eval_set,
+        scorer=RewardScorer(config.rewards),
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=PromptSampler(len(train_set), config.train.seed),
+        loggers=Loggers(
+            run_dir, to_dict(config), track.tensorboard, track.wandb, track.trackio, track.project
+        ),
+        console=Console(track.console, config.train.steps, track.log_every),
+        alarms=Alarms(config.rollout.max_new_tokens, track.zero_reward_steps, track.truncation_alarm),
+    )
+    if state is not None:
+        run.sampler.load_state_dict(state["sampler"])
+        run.alarms.load_state_dict(state["alarms"])
+        run.start_step, run.skipped_in_a_row = state["step"] + 1, state["skipped_in_a_row"]
+        run.console.message(f"resuming from {resume_from} at step {run.start_step}", style="cyan")
+    for note in run.loggers.warnings:
+        run.console.message(note)
+    for data_set, name in ((train_set, "training"), (eval_set, "held-out")):
+        if data_set is not None and data_set.skipped:
+            run.console.message(f"skipped {data_set.skipped} bad {name} rows (data.on_bad_row=skip)")
+    return run
 
-        for step in range(1, config.train.steps + 1):
-            step_start = time.perf_counter()
 
-            # ---- 1. prompts ------------------------------------------------------------------------------
-            batch_rows = sampler.next_batch(config.train.prompts_per_step)
+def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
+    cfg = run.config.run
+    state = {
+        "sampler": run.sampler.state_dict(),
+        "alarms": run.alarms.state_dict(),
+        "skipped_in_a_row": run.skipped_in_a_row,
+        "best_value": row.get(cfg.keep_best) if cfg.keep_best else None,
+    }
+    save_checkpoint(
+        run.run_dir, step, run.policy, run.tokenizer, run.optimizer, run.scheduler, state,
+        cfg.keep_last, cfg.keep_best, cfg.best_mode,
+    )  # fmt: skip
 
-            # ---- 2. rollout --------------------------------------------------------------------------------
-            t = time.perf_counter()
-            step_params = dataclasses.replace(params, seed=config.train.seed * 100_003 + step)
-            groups = engine.generate([train_set.ids[r] for r in batch_rows], step_params)
-            rollout_s = time.perf_counter() - t
-            completions = [c for group in groups for c in group]  # [P * G], prompt-major
 
-            # ---- 3. rewards --------------------------------------------------------------------------------
-            t = time.perf_counter()
-            scores = train_set.score(scorer, batch_rows, completions, group_size)
-            reward_s = time.perf_counter() - t
-
-            # ---- 4. advantages -----------------------------------------------------------------------------
-            rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, group_size)  # [P, G]
-            valid = ~torch.isnan(rewards)  # NaN: every reward function returned None for that sample
-            advantages = group_advantages(
-                fill_missing(rewards, valid), config.algorithm.baseline, config.algorithm.scale
-            )  # [P, G]
-            samples = [
-                Sample(
-                    i // group_size, train_set.ids[batch_rows[i // group_size]], c.token_ids, c.logprobs, a, v
-                )
-                for i, (c, a, v) in enumerate(
-                    zip(completions, advantages.flatten().tolist(), valid.flatten().tolist(), strict=True)
-                )
-            ]
-
-            # ---- 5. policy update --------------------------------------------------------------------------
-            t = time.perf_counter()
-            engine.sleep()
-            update = update_policy(
-                policy, reference, optimizer, scheduler, samples, config, tokenizer.pad_token_id
-            )
-            update_s = time.perf_counter() - t
-
-            # ---- 6. weight sync ----------------------------------------------------------------------------
-            t = time.perf_counter()
-            engine.wake()
-            engine.update_weights(policy)
-            sync_s = time.perf_counter() - t
-
-            # ---- 7. metrics, alarms, samples ---------------------------------------------------------------
-            row = {"step": step}
-            row.update(M.reward_metrics(rewards, valid, scores))
-            row.update(M.rollout_metrics(completions, scores.correct, rollout_s, track.reflection_words))
-            row.update(update)
-            row.update(
-                M.timing_metrics(
-                    rollout_s,
-                    reward_s,
-                    update_s,
-                    sync_s,
-                    time.perf_counter() - step_start,
-                    update["perf/update_tokens"],
-                )
-            )
-            row["perf/peak_mem_gib"] = M.peak_memory_gib(device)
-            last = step == config.train.steps
-            if eval_set is not None and (last or (config.eval.every and step % config.eval.every == 0)):
-                eval_row, evaluations["after"] = evaluate(engine, scorer, eval_set, config)
-                row.update(eval_row)
-            for message in alarms.check(row):
-                console.message(f"alarm: {message}", style="bold red")
-            if step % track.samples_every == 0 or last:
-                write_samples(run_dir, step, train_set, batch_rows, completions, scores, config)
-            loggers.log(row)
-            console.step(row)
-
-            skipped_in_a_row = skipped_in_a_row + 1 if update["optim/skipped_updates"] else 0
-            if skipped_in_a_row >= config.train.max_skipped_steps:
-                raise AhaError(
-                    f"the loss or gradient was NaN/inf in {skipped_in_a_row} steps in a row, so their updates were "
-                    "skipped; stopping. Likely causes: a learning rate too high (optim.lr), float16 overflow "
-                    "(use model.dtype=bfloat16 or float32), or extreme reward values"
-                )
-    finally:
-        console.close()
-        loggers.close()
-        engine.close()
-        scorer.close()
-
-    if config.run.save_model:
-        policy.save_pretrained(run_dir / "model", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "model")
-    if track.dashboard:
-        plot_runs([run_dir], run_dir / "dashboard.png")
-        write_samples_html(run_dir)
-        console.message(
-            f"dashboard: {run_dir / 'dashboard.png'}, samples: {run_dir / 'samples.html'}", "green"
+def finish_run(run: Run, evaluations: dict[str, list[dict]]) -> None:
+    """Final model, dashboard, samples page and the before/after view."""
+    if run.config.run.save_model:
+        run.policy.save_pretrained(run.run_dir / "model", safe_serialization=True)
+        run.tokenizer.save_pretrained(run.run_dir / "model")
+    if run.config.track.dashboard:
+        plot_runs([run.run_dir], run.run_dir / "dashboard.png")
+        write_samples_html(run.run_dir)
+        run.console.message(
+            f"dashboard: {run.run_dir / 'dashboard.png'}, samples: {run.run_dir / 'samples.html'}", "green"
         )
     if "before" in evaluations and "after" in evaluations:
-        console.message(before_after(evaluations["before"], evaluations["after"]), style="white")
-    return run_dir
+        run.console.message(before_after(evaluations["before"], evaluations["after"]), style="white")
+
+
+class GracefulStop:
+    """First Ctrl-C or SIGTERM: finish the current step, save a checkpoint, exit cleanly. Second Ctrl-C: now."""
+
+    def __init__(self, console: Console) -> None:
+        self.requested = False
+        self.console = console
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.message(
+            f"{signal.Signals(signum).name}: saving a checkpoint after this step and stopping "
+            "(Ctrl-C again to stop now, without saving)",
+            style="yellow",
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def update_policy(
@@ -399,7 +518,12 @@ def load_policy(path: Path | str, dtype: str, device: torch.device) -> tuple[Any
     except OSError as err:
         raise AhaError(f"could not load model {str(path)!r}: {err}") from None
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked; any id works
+        if tokenizer.eos_token_id is None:
+            raise AhaError(
+                f"the tokenizer of {str(path)!r} has neither a pad token nor an eos token: completions could "
+                "never end. Set tokenizer.eos_token (and pad_token) in its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked, so the eos id is a safe pad
     return tokenizer, model.to(device)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import yaml
 from transformers import AutoModelForCausalLM
@@ -59,6 +60,11 @@ def test_mean_reward_rises_on_a_learnable_reward(tmp_path, monkeypatch, tiny_mod
     first = sum(r["reward/mean"] for r in rows[:3]) / 3
     last = sum(r["reward/mean"] for r in rows[-3:]) / 3
     assert last > first + 0.15, (first, last)
+
+    documented = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    for key in {k for r in rows for k in r} - {"step"}:
+        generic = "reward/<name>/" + key.split("/")[-1] if key.startswith("reward/toy_rewards") else key
+        assert f"`{generic}`" in documented, f"{key} is logged but not documented in docs/metrics.md"
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["train"]["steps"] == 12 and resolved["rewards"][0]["name"] == "toy_rewards:letter_a"

@@ -1,0 +1,198 @@
+"""Run tracking: metric values on a hand-made batch, alarms that fire, the dashboard and the samples views."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from rl.metrics import UpdateAccumulator, length_metrics, reflection_frac, reward_metrics, rollout_metrics
+from rl.report import plot_runs, select_samples, write_samples_html
+from rl.tracking import Alarms, Loggers, sample_records
+
+
+@dataclass
+class FakeCompletion:  # the protocol's Completion fields the metrics read
+    token_ids: list[int]
+    finish_reason: str
+    text: str
+
+
+@dataclass
+class FakeScores:
+    correct: list[bool | None] | None
+    metrics: dict
+
+
+def test_length_metrics_on_a_hand_made_batch():
+    got = length_metrics([2, 4, 6, 8], [False, False, False, True], [True, False, True, None])
+    assert got == pytest.approx(
+        {
+            "rollout/len_mean": 5.0,
+            "rollout/len_median": 5.0,
+            "rollout/len_p90": 7.4,  # linear interpolation between 6 and 8
+            "rollout/len_max": 8.0,
+            "rollout/truncated_frac": 0.25,
+            "rollout/len_correct": 4.0,  # (2 + 6) / 2
+            "rollout/len_incorrect": 4.0,
+        }
+    )
+
+
+def test_reflection_rate_counts_whole_words_case_insensitively():
+    texts = ["Wait, 3+4=7", "so 7", "let me check: 7", "awaiting nothing", "VERIFY it"]
+    assert reflection_frac(texts) == pytest.approx(3 / 5)  # "awaiting" is not "wait"
+    assert reflection_frac(texts, ["nothing"]) == pytest.approx(1 / 5)
+
+
+def test_rollout_metrics_include_reflection_and_throughput():
+    comps = [FakeCompletion([1, 2], "stop", "wait"), FakeCompletion([1, 2, 3, 4], "length", "no")]
+    got = rollout_metrics(comps, [True, False], rollout_s=2.0, reflection_words=["wait"])
+    assert got["rollout/reflection_frac"] == 0.5
+    assert got["perf/rollout_tok_s"] == 3.0
+    assert got["rollout/truncated_frac"] == 0.5
+    assert got["rollout/len_correct"] == 2 and got["rollout/len_incorrect"] == 4
+
+
+def test_reward_metrics_zero_variance_groups_and_accuracy():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    valid = torch.ones_like(rewards, dtype=torch.bool)
+    got = reward_metrics(
+        rewards, valid, FakeScores([True, True, True, True, False, False], {"reward/math/mean": 4 / 6})
+    )
+    assert got["reward/zero_std_frac"] == 0.5
+    assert got["reward/accuracy"] == pytest.approx(4 / 6)
+    assert got["reward/mean"] == pytest.approx(4 / 6)
+    assert got["reward/math/mean"] == pytest.approx(4 / 6)
+
+
+def test_update_accumulator_weights_statistics_by_tokens():
+    acc = UpdateAccumulator()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    ratio = torch.tensor([[1.0, 2.0, 9.0], [0.5, 9.0, 9.0]])
+    low = torch.tensor([[False, False, False], [True, False, False]])
+    high = torch.tensor([[False, True, True], [False, True, False]])
+    acc.add(mask, torch.tensor(0.5), torch.ones(2, 3), low, high, ratio, None)
+    acc.add_step(grad_norm=2.0, lr=1e-3)
+    got = acc.metrics()
+    assert got["policy/ratio_mean"] == pytest.approx(3.5 / 3)
+    assert got["policy/ratio_max"] == 2.0  # padding (9.0) ignored
+    assert got["policy/clip_frac_low"] == pytest.approx(1 / 3)
+    assert got["policy/clip_frac_high"] == pytest.approx(1 / 3)
+    assert got["loss/policy"] == 0.5 and got["optim/grad_norm"] == 2.0 and got["optim/lr"] == 1e-3
+
+
+def _row(**overrides):
+    row = {"step": 1, "reward/mean": 0.5, "reward/std": 0.5, "rollout/truncated_frac": 0.0}
+    row.update(overrides)
+    return row
+
+
+def test_zero_reward_alarm_fires_after_n_steps_in_a_row():
+    alarms = Alarms(max_new_tokens=64, zero_reward_steps=3)
+    fired = [alarms.check(_row(**{"reward/mean": 0.0, "reward/std": 0.0})) for _ in range(3)]
+    assert fired[0] == [] and fired[1] == []
+    assert "every reward has been 0 for 3 steps" in fired[2][0]
+    assert alarms.check(_row()) == []  # a non-zero step resets the count
+
+
+def test_truncation_alarm_says_the_limit_and_what_to_raise_it_to():
+    row = _row(**{"rollout/truncated_frac": 1.0})
+    (message,) = Alarms(max_new_tokens=64).check(row)
+    assert "100% of the completions hit rollout.max_new_tokens=64" in message
+    assert "rollout.max_new_tokens=128" in message
+    assert row["alarm/truncation"] == 1.0
+
+
+def test_reward_collapse_and_nonfinite_loss_alarms():
+    alarms = Alarms(max_new_tokens=64, collapse_steps=2)
+    assert alarms.check(_row(**{"reward/zero_std_frac": 1.0})) == []
+    row = _row(**{"reward/zero_std_frac": 1.0, "optim/skipped_updates": 1.0})
+    messages = alarms.check(row)
+    assert any("identical rewards" in m for m in messages)
+    assert any("NaN/inf" in m for m in messages)
+    assert row["alarm/reward_collapse"] == 1.0 and row["alarm/nonfinite_loss"] == 1.0
+
+
+def _fake_run(tmp_path, name="run", steps=6):
+    run = tmp_path / name
+    run.mkdir()
+    with (run / "metrics.jsonl").open("w") as f:
+        f.write(json.dumps({"step": 0, "eval/accuracy": 0.3, "eval/len_mean": 10}) + "\n")
+        for s in range(1, steps + 1):
+            f.write(
+                json.dumps(
+                    {
+                        "step": s,
+                        "reward/mean": s / steps,
+                        "reward/accuracy": s / steps,
+                        "rollout/len_mean": 10 + s,
+                        "rollout/len_p90": 14 + s,
+                        "rollout/truncated_frac": 0.1,
+                        "rollout/reflection_frac": 0.02 * s,
+                        "policy/entropy": 1.0 / s,
+                    }
+                )
+                + "\n"
+            )
+    records = sample_records(
+        3, ["p1", "p1", "p2", "p2"], ["good <b>", "bad", "x", "y"], [3, 1, 2, 2], ["stop"] * 4,
+        [1.0, 0.0, 0.0, 0.5], [True, False, False, None], group_size=2, num_prompts=2, seed=0,
+    )  # fmt: skip
+    (run / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    return run
+
+
+def test_plot_writes_a_png_dashboard_for_one_and_several_runs(tmp_path):
+    one = plot_runs([_fake_run(tmp_path, "a")], tmp_path / "one.png")
+    two = plot_runs([tmp_path / "a", _fake_run(tmp_path, "b", steps=4)], tmp_path / "two.png")
+    for png in (one, two):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_aha_plot_and_samples_commands(tmp_path):
+    run = _fake_run(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "plot", str(run)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert (run / "dashboard.png").is_file()
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "samples", str(run), "--best"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.index("good <b>") < result.stdout.index("bad")
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "samples", str(run), "--step", "99"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "no samples at step 99; steps with samples: 3" in result.stderr
+
+
+def test_samples_selection_orders_by_reward_and_html_escapes(tmp_path):
+    run = _fake_run(tmp_path)
+    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    step, worst = select_samples(records, None, "worst")
+    assert step == 3 and [r["reward"] for r in worst] == [0.0, 0.0, 0.5, 1.0]
+    page = write_samples_html(run).read_text()
+    assert "good &lt;b&gt;" in page and "good <b>" not in page
+
+
+def test_loggers_write_jsonl_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    loggers = Loggers(tmp_path, {}, tensorboard=True, wandb=False, trackio=False, project="aha")
+    loggers.log({"step": 1, "reward/mean": 0.5})
+    loggers.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "reward/mean": 0.5}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_asking_for_a_missing_logger_is_a_clear_error(tmp_path, monkeypatch):
+    from rl.errors import AhaError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(AhaError, match="track.wandb=true but wandb is not installed: pip install wandb"):
+        Loggers(tmp_path, {}, tensorboard=False, wandb=True, trackio=False, project="aha")
