@@ -111,6 +111,18 @@ class AlgorithmConfig:
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(pi_train / pi_rollout, tis_cap) to correct
     for the rollout engine's numerics differing from the trainer's (Yao et al. 2025). null = off."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more prompts
+    to refill the batch."""
+    dynamic_max_rounds: int = 3
+    """Most extra sampling rounds per step for dynamic sampling; the batch may stay short after that."""
+    overlong_filter: bool = False
+    """Mask truncated completions (hit max_new_tokens) out of the loss (DAPO overlong filtering)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: the last N tokens before max_new_tokens get a linear reward penalty,
+    reaching -overlong_penalty at the limit. 0 = off."""
+    overlong_penalty: float = 1.0
+    """Size of the soft overlong punishment at the token limit."""
     epochs: int = 1
     """Passes over each generation batch (PPO inner epochs)."""
     minibatches: int = 1
@@ -419,6 +431,13 @@ def validate(config: Config) -> None:
         raise ConfigError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
     if algo.dual_clip is not None and algo.dual_clip <= 1:
         raise ConfigError("algorithm.dual_clip must be > 1 (or null to switch it off)")
+    if algo.overlong_buffer < 0 or algo.overlong_buffer > rollout.max_new_tokens:
+        raise ConfigError(
+            f"algorithm.overlong_buffer={algo.overlong_buffer} must be between 0 (off) and "
+            f"rollout.max_new_tokens={rollout.max_new_tokens}"
+        )
+    if algo.dynamic_max_rounds < 0:
+        raise ConfigError("algorithm.dynamic_max_rounds must be >= 0")
     if algo.tis_cap is not None and algo.tis_cap <= 0:
         raise ConfigError("algorithm.tis_cap must be > 0 (e.g. 2.0), or null to switch it off")
     if algo.kl_coef < 0:

@@ -198,6 +198,41 @@ def truncated_is_weight(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, 
     return torch.exp(logprobs.detach() - rollout_logprobs).clamp(max=cap)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward.
+
+        0                                   if |y| <= max_len - buffer
+        factor * (max_len - buffer - |y|) / buffer   inside the buffer (linear, from 0 down to -factor)
+        -factor                             if |y| >= max_len (truncated)
+    Args:
+        lengths: [B] completion lengths in tokens.
+    Returns:
+        [B] penalties (<= 0).
+
+    Example: max_len 10, buffer 4: lengths [6, 8, 10] -> [0, -0.5, -1].
+    """
+    if buffer <= 0 or buffer > max_len:
+        raise ValueError(f"the overlong buffer must be in [1, max_len={max_len}], got {buffer}")
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0, max=buffer)  # [B] tokens into the buffer
+    return -factor * over / buffer
+
+
+def informative_groups(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Groups whose rewards are not all equal: the only ones with a non-zero advantage (DAPO's dynamic
+    sampling keeps these and samples more prompts to replace the rest).
+
+    Args:
+        rewards: [P, G].  valid: [P, G] optional mask of scored samples.
+    Returns:
+        [P] bool.
+    """
+    if valid is None:
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+    high = torch.where(valid, rewards, torch.full_like(rewards, -torch.inf)).max(dim=1).values
+    low = torch.where(valid, rewards, torch.full_like(rewards, torch.inf)).min(dim=1).values
+    return high > low
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax distribution, H = logsumexp(z) - sum softmax(z) * z.
 

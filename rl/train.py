@@ -32,7 +32,15 @@ from rl.checkpoint import find_resume_point, load_training_state, save_checkpoin
 from rl.config import Config, dump_config, to_dict
 from rl.data import PromptSampler, PromptSet
 from rl.errors import AhaError
-from rl.grpo import aggregate_loss, group_advantages, kl_penalty, policy_loss, truncated_is_weight
+from rl.grpo import (
+    aggregate_loss,
+    group_advantages,
+    informative_groups,
+    kl_penalty,
+    overlong_penalty,
+    policy_loss,
+    truncated_is_weight,
+)
 from rl.logprobs import PackedBatch, completion_logprobs, pack
 from rl.report import plot_runs, write_samples_html
 from rl.tracking import Alarms, Console, Loggers, sample_records
@@ -105,31 +113,22 @@ def train(config: Config) -> Path:
         for step in range(run.start_step, config.train.steps + 1):
             step_start = time.perf_counter()
 
-            # ---- 1. prompts: whole groups, from a resumable shuffled order ----------------------------------
-            batch_rows = run.sampler.next_batch(config.train.prompts_per_step)
-
-            # ---- 2. rollout: G completions per prompt -------------------------------------------------------
-            t = time.perf_counter()
-            step_params = dataclasses.replace(params, seed=config.train.seed * 100_003 + step)
-            groups = engine.generate([run.train_set.ids[r] for r in batch_rows], step_params)
-            rollout_s = time.perf_counter() - t
-            completions = [c for group in groups for c in group]  # [P * G], prompt-major
-
-            # ---- 3. rewards ---------------------------------------------------------------------------------
-            t = time.perf_counter()
-            scores = run.train_set.score(run.scorer, batch_rows, completions, group_size)
-            reward_s = time.perf_counter() - t
+            # ---- 1-3. prompts -> G completions each -> rewards (+ dynamic sampling rounds) -------------------
+            batch = sample_batch(run, dataclasses.replace(params, seed=config.train.seed * 100_003 + step))
 
             # ---- 4. advantages ------------------------------------------------------------------------------
-            rewards = torch.tensor(scores.total, dtype=torch.float32).view(-1, group_size)  # [P, G]
-            valid = ~torch.isnan(rewards)  # NaN: every reward function returned None for that sample
             advantages = group_advantages(
-                fill_missing(rewards, valid), config.algorithm.baseline, config.algorithm.scale
+                fill_missing(batch.rewards, batch.scored), config.algorithm.baseline, config.algorithm.scale
             )  # [P, G]
             samples = [
-                Sample(g := i // group_size, run.train_set.ids[batch_rows[g]], c.token_ids, c.logprobs, a, v)
-                for i, (c, a, v) in enumerate(
-                    zip(completions, advantages.flatten().tolist(), valid.flatten().tolist(), strict=True)
+                Sample(g := i // group_size, run.train_set.ids[batch.rows[g]], c.token_ids, c.logprobs, a, t)
+                for i, (c, a, t) in enumerate(
+                    zip(
+                        batch.completions,
+                        advantages.flatten().tolist(),
+                        batch.trainable.flatten().tolist(),
+                        strict=True,
+                    )
                 )
             ]
 
@@ -155,12 +154,20 @@ def train(config: Config) -> Path:
 
             # ---- 7. metrics, alarms, samples, checkpoint ----------------------------------------------------
             step_s = time.perf_counter() - step_start
+            first = batch.first_round
             row = {"step": step}
-            row.update(M.reward_metrics(rewards, valid, scores))
-            row.update(M.rollout_metrics(completions, scores.correct, rollout_s, track.reflection_words))
+            row.update(M.reward_metrics(first.rewards, first.scored, first.scores))
+            row.update(
+                M.rollout_metrics(
+                    first.completions, first.scores.correct, batch.rollout_s, track.reflection_words
+                )
+            )
+            row.update(batch.metrics())
             row.update(update)
             row.update(
-                M.timing_metrics(rollout_s, reward_s, update_s, sync_s, step_s, update["perf/update_tokens"])
+                M.timing_metrics(
+                    batch.rollout_s, batch.reward_s, update_s, sync_s, step_s, update["perf/update_tokens"]
+                )
             )
             row["perf/peak_mem_gib"] = M.peak_memory_gib(run.device)
             last = step == config.train.steps
@@ -170,7 +177,7 @@ def train(config: Config) -> Path:
             for message in run.alarms.check(row):
                 run.console.message(f"alarm: {message}", style="bold red")
             if step % track.samples_every == 0 or last:
-                write_samples(run.run_dir, step, run.train_set, batch_rows, completions, scores, config)
+                write_samples(run.run_dir, step, run.train_set, first, config)
             run.loggers.log(row)
             run.console.step(row)
 
@@ -343,6 +350,112 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Round:
+    """One sampling round: prompts, their completions and rewards."""
+
+    rows: list[int]
+    completions: list[Any]  # [P * G], prompt-major
+    scores: Any  # the RewardResult
+    rewards: torch.Tensor  # [P, G] total reward after overlong shaping; NaN where unscored
+    scored: torch.Tensor  # [P, G] bool, reward is not NaN
+    trainable: torch.Tensor  # [P, G] bool, scored and (with overlong filtering) not truncated
+
+
+@dataclass
+class StepBatch:
+    """The groups one step trains on, and the first sampling round (an unfiltered view, for metrics)."""
+
+    rows: list[int]
+    completions: list[Any]
+    rewards: torch.Tensor  # [P, G]
+    scored: torch.Tensor  # [P, G]
+    trainable: torch.Tensor  # [P, G]
+    first_round: Round
+    rounds: int
+    dropped_groups: int
+    rollout_s: float
+    reward_s: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "rollout/sampling_rounds": float(self.rounds),
+            "rollout/dropped_groups": float(self.dropped_groups),
+        }
+        out["rollout/trained_groups"] = float(len(self.rows))
+        return out
+
+
+def sample_batch(run: Run, params: SamplingParams) -> StepBatch:
+    """Prompts -> G completions each -> rewards, with DAPO's options.
+
+    Overlong shaping adds a penalty to completions that run into the token-limit buffer; overlong filtering
+    keeps truncated completions out of the loss. Dynamic sampling drops groups whose rewards are all equal
+    and samples more prompts, for at most algorithm.dynamic_max_rounds extra rounds.
+    """
+    config, algo = run.config, run.config.algorithm
+    group_size, wanted = config.rollout.group_size, config.train.prompts_per_step
+    max_rounds = 1 + (algo.dynamic_max_rounds if algo.dynamic_sampling else 0)
+    kept: list[tuple[int, list[Any], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    first, rounds, dropped, rollout_s, reward_s = None, 0, 0, 0.0, 0.0
+    while len(kept) < wanted and rounds < max_rounds:
+        rows = run.sampler.next_batch(wanted - len(kept))
+        t = time.perf_counter()
+        groups = run.engine.generate(
+            [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=params.seed + rounds)
+        )
+        rollout_s += time.perf_counter() - t
+        completions = [c for group in groups for c in group]
+        t = time.perf_counter()
+        scores = run.train_set.score(run.scorer, rows, completions, group_size)
+        reward_s += time.perf_counter() - t
+
+        rewards = torch.tensor(scores.total, dtype=torch.float32)  # [P * G]
+        truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+        if algo.overlong_buffer:
+            lengths = torch.tensor([len(c.token_ids) for c in completions])
+            rewards = rewards + overlong_penalty(
+                lengths, config.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
+            )
+        rewards = rewards.view(-1, group_size)  # [P, G]
+        scored = ~torch.isnan(rewards)
+        trainable = scored & ~truncated.view(-1, group_size) if algo.overlong_filter else scored
+        this = Round(rows, completions, scores, rewards, scored, trainable)
+        first = first or this
+        keep = (
+            informative_groups(rewards, scored)
+            if algo.dynamic_sampling
+            else torch.ones(len(rows), dtype=torch.bool)
+        )
+        dropped += int((~keep).sum())
+        for g in keep.nonzero().flatten().tolist():
+            kept.append(
+                (
+                    rows[g],
+                    completions[g * group_size : (g + 1) * group_size],
+                    rewards[g],
+                    scored[g],
+                    trainable[g],
+                )
+            )
+        rounds += 1
+
+    kept = kept[:wanted]
+    empty = torch.zeros((0, group_size))
+    return StepBatch(
+        rows=[k[0] for k in kept],
+        completions=[c for k in kept for c in k[1]],
+        rewards=torch.stack([k[2] for k in kept]) if kept else empty,
+        scored=torch.stack([k[3] for k in kept]) if kept else empty.bool(),
+        trainable=torch.stack([k[4] for k in kept]) if kept else empty.bool(),
+        first_round=first,
+        rounds=rounds,
+        dropped_groups=dropped,
+        rollout_s=rollout_s,
+        reward_s=reward_s,
+    )
+
+
 def update_policy(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
@@ -355,12 +468,13 @@ def update_policy(
     """epochs x mini-batches optimizer steps over one generation batch; returns the update's metrics."""
     algo, temperature = config.algorithm, config.rollout.temperature
     micro = config.train.micro_batch_size
-    num_groups = config.train.prompts_per_step
+    num_groups = (
+        max((s.group for s in samples), default=-1) + 1
+    )  # short of prompts_per_step after dynamic sampling
     # Whole groups per mini-batch, so a later data-parallel split never cuts a group.
-    groups_per_mini = num_groups // algo.minibatches
+    bounds = [k * num_groups // algo.minibatches for k in range(algo.minibatches + 1)]
     minibatches = [
-        [s for s in samples if k * groups_per_mini <= s.group < (k + 1) * groups_per_mini]
-        for k in range(algo.minibatches)
+        [s for s in samples if bounds[k] <= s.group < bounds[k + 1]] for k in range(algo.minibatches)
     ]
     single_update = algo.epochs == 1 and algo.minibatches == 1
     old: dict[int, torch.Tensor] = {}
@@ -577,25 +691,17 @@ def before_after(before: list[dict], after: list[dict], count: int = 3) -> str:
     return "\n".join(lines)
 
 
-def write_samples(
-    run_dir: Path,
-    step: int,
-    train_set: PromptSet,
-    rows: list[int],
-    completions: list,
-    scores: Any,
-    config: Config,
-) -> None:
-    """Append whole groups of a few of this step's prompts to samples.jsonl."""
+def write_samples(run_dir: Path, step: int, train_set: PromptSet, sampled: Round, config: Config) -> None:
+    """Append whole groups of a few of this round's prompts to samples.jsonl."""
     group_size = config.rollout.group_size
     records = sample_records(
         step,
-        [train_set.texts[r] for r in rows for _ in range(group_size)],
-        [c.text for c in completions],
-        [len(c.token_ids) for c in completions],
-        [c.finish_reason for c in completions],
-        scores.total,
-        scores.correct,
+        [train_set.texts[r] for r in sampled.rows for _ in range(group_size)],
+        [c.text for c in sampled.completions],
+        [len(c.token_ids) for c in sampled.completions],
+        [c.finish_reason for c in sampled.completions],
+        sampled.rewards.flatten().tolist(),
+        sampled.scores.correct,
         group_size,
         config.track.samples_prompts,
         config.train.seed,

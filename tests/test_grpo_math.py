@@ -156,3 +156,20 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch_loss(mode):
 def test_entropy_of_uniform_and_peaked_distributions():
     assert entropy_from_logits(torch.zeros(1, 8)).item() == pytest.approx(math.log(8), rel=1e-6)
     assert entropy_from_logits(torch.tensor([[100.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_overlong_penalty_matches_hand_computed_values():
+    from rl.grpo import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([6, 8, 10, 3]), max_len=10, buffer=4, factor=1.0)
+    torch.testing.assert_close(got, torch.tensor([0.0, -0.5, -1.0, 0.0]))
+    torch.testing.assert_close(overlong_penalty(torch.tensor([9]), 10, 4, factor=0.5), torch.tensor([-0.375]))
+
+
+def test_informative_groups_are_those_with_unequal_rewards():
+    from rl.grpo import informative_groups
+
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.2, 0.2]])
+    assert informative_groups(rewards).tolist() == [False, True, False, True]
+    valid = torch.tensor([[True] * 3, [True, False, True], [True] * 3, [True] * 3])
+    assert informative_groups(rewards, valid).tolist() == [False, False, False, True]

@@ -6,6 +6,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -106,3 +107,66 @@ def test_kl_and_multiple_updates_per_batch_run_and_log_their_metrics(tmp_path, m
     # after the first optimizer step the policy moved, so the importance ratio is no longer exactly 1
     assert any(abs(r["policy/ratio_mean"] - 1) > 1e-6 or r["policy/ratio_max"] > 1 for r in rows)
     assert not (run_dir / "model").exists()
+
+
+BINARY_REWARD = (
+    'def has_a(prompts, completions, **columns):\n    return [float("a" in c) for c in completions]\n'
+)
+
+
+def _dapo_run(tmp_path, monkeypatch, tiny_model_dir, name, extra):
+    data = _setup(tmp_path, monkeypatch)
+    (tmp_path / "binary_rewards.py").write_text(BINARY_REWARD)
+    config = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            f"data.source={data}",
+            "rewards=[{name: 'binary_rewards:has_a'}]",
+            "train.steps=2",
+            "train.prompts_per_step=4",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=4",
+            f"run.dir={tmp_path / 'runs'}",
+            f"run.name={name}",
+            "run.save_model=false",
+            "track.console=quiet",
+            "track.dashboard=false",
+            "eval.size=0",
+            *extra,
+        ],
+    )
+    run_dir = train(config)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dynamic_sampling_drops_uninformative_groups_and_samples_more(tmp_path, monkeypatch, tiny_model_dir):
+    rows = _dapo_run(
+        tmp_path,
+        monkeypatch,
+        tiny_model_dir,
+        "dyn",
+        ["algorithm.dynamic_sampling=true", "algorithm.dynamic_max_rounds=4"],
+    )
+    assert any(r["rollout/dropped_groups"] > 0 for r in rows)  # a random model often writes no 'a' at all
+    assert all(r["rollout/sampling_rounds"] > 1 for r in rows if r["rollout/dropped_groups"] > 0)
+    assert all(r["rollout/trained_groups"] <= 4 for r in rows)
+
+
+def test_overlong_filter_keeps_truncated_completions_out_of_the_loss(tmp_path, monkeypatch, tiny_model_dir):
+    rows = _dapo_run(tmp_path, monkeypatch, tiny_model_dir, "filter", ["algorithm.overlong_filter=true"])
+    for r in rows:  # the random model almost never samples EOS within 4 tokens
+        expected_tokens = r["rollout/len_mean"] * 16 * (1 - r["rollout/truncated_frac"])
+        assert r["perf/update_tokens"] <= expected_tokens + 1e-6
+
+
+def test_soft_overlong_punishment_lowers_the_reward_of_truncated_completions(
+    tmp_path, monkeypatch, tiny_model_dir
+):
+    plain = _dapo_run(tmp_path, monkeypatch, tiny_model_dir, "plain", [])
+    shaped = _dapo_run(tmp_path, monkeypatch, tiny_model_dir, "shaped", ["algorithm.overlong_buffer=1"])
+    # same seeds, same first-step samples; with a 1-token buffer only truncated completions lose (all of) 1
+    first_plain, first_shaped = plain[0], shaped[0]
+    assert first_shaped["reward/mean"] == pytest.approx(
+        first_plain["reward/mean"] - first_plain["rollout/truncated_frac"], abs=1e-6
+    )
