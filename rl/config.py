@@ -38,6 +38,10 @@ class DataConfig:
     """Dataset split used for training (hub datasets)."""
     prompt_key: str = "prompt"
     """Column holding the question text."""
+    answer_key: str = "answer"
+    """Column holding the gold answer; it reaches the reward functions as the `answer` column."""
+    answer_format: Literal["raw", "gsm8k", "boxed"] = "raw"
+    """How to read the gold answer: as is, the number after `####` (GSM8K), or the last \\boxed{} (MATH)."""
     template: Literal["plain", "r1_zero", "boxed", "chat"] = "plain"
     """How a question becomes a prompt: as is, the R1-Zero template, a \\boxed{} math instruction, or the
     tokenizer's chat template."""

@@ -17,7 +17,14 @@ from rl.templates import apply_template
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_rows(source: str, split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+def load_rows(
+    source: str,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    answer_key: str = "answer",
+    answer_format: str = "raw",
+) -> list[dict]:
     """Rows of a dataset as plain dicts.
 
     source: `builtin:arithmetic` (the tiny model's synthetic task; split train|test never overlap),
@@ -132,7 +139,7 @@ class PromptSet:
         `exclude` are dropped (held-out sets); `size` keeps the first that many of the rest.
         """
         data = config.data
-        raw = load_rows(source, split, limit, seed=config.train.seed)
+        raw = load_rows(source, split, limit, config.train.seed, data.answer_key, data.answer_format)
         check_column(raw, data.prompt_key, source)
         fields = sorted({k for row in raw for k in row})
         rows, texts, ids, skipped = [], [], [], 0
