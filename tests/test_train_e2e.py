@@ -64,7 +64,11 @@ def test_mean_reward_rises_on_a_learnable_reward(tmp_path, monkeypatch, tiny_mod
 
     documented = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
     for key in {k for r in rows for k in r} - {"step"}:
-        generic = "reward/<name>/" + key.split("/")[-1] if key.startswith("reward/toy_rewards") else key
+        generic = key
+        if key.startswith("reward/toy_rewards"):
+            generic = "reward/<name>/" + key.split("/")[-1]
+        elif key.startswith("perf/reward/"):
+            generic = "perf/reward/<name>_s"
         assert f"`{generic}`" in documented, f"{key} is logged but not documented in docs/metrics.md"
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())

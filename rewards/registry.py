@@ -1,0 +1,126 @@
+"""The reward registry: built-ins by name, users' functions by ``"pkg.module:function"``.
+
+A reward function has TRL's signature, ``fn(prompts, completions, **columns) -> list[float | None]``.
+Built-ins register themselves with ``@register_reward("name", accuracy=...)``; users may do the same in
+their own module, or just name the function in the recipe::
+
+    rewards:
+      - {name: math, weight: 1.0}
+      - {name: my_pkg.rewards:length_penalty, weight: 0.1}
+
+Example: ``get_reward("format")`` -> ``rewards.format.format_reward``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+RewardFn = Callable[..., list]
+
+
+class RewardError(Exception):
+    """Every user-facing error raised by ``rewards``; its message reads on its own, without a traceback."""
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    """A resolved reward: its name, the function, and whether it measures correctness."""
+
+    name: str
+    fn: RewardFn
+    accuracy: bool = False
+    """True for rewards whose score 1.0 means "correct" (math, countdown, code): they feed ``correct``."""
+    preflight: Callable[[dict[str, Any]], None] | None = None
+    """Called with the recipe's options when a scorer is built, so a missing dependency fails at start-up."""
+
+
+_REGISTRY: dict[str, RewardEntry] = {}
+_CLOSERS: list[Callable[[], None]] = []
+
+
+def register_reward(
+    name: str, *, accuracy: bool = False, preflight: Callable[[dict[str, Any]], None] | None = None
+) -> Callable[[RewardFn], RewardFn]:
+    """Decorator that registers a reward function under ``name``; registering a name twice is an error.
+
+    Example::
+
+        @register_reward("length_penalty")
+        def length_penalty(prompts, completions, **columns):
+            return [-len(c) / 1000 for c in completions]
+    """
+    if not name or ":" in name:
+        raise RewardError(f"invalid reward name {name!r}: use a non-empty name without ':'")
+
+    def decorate(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY:
+            old = _REGISTRY[name].fn
+            raise RewardError(
+                f"reward name {name!r} is already registered (by {old.__module__}.{old.__qualname__}); "
+                "pick another name"
+            )
+        if not callable(fn):
+            raise RewardError(f"register_reward({name!r}) needs a function, got {type(fn).__name__}")
+        _REGISTRY[name] = RewardEntry(name, fn, accuracy, preflight)
+        return fn
+
+    return decorate
+
+
+def registered_names() -> list[str]:
+    """Names registered so far (the built-ins, plus whatever users registered)."""
+    return sorted(_REGISTRY)
+
+
+def resolve_reward(name: str) -> RewardEntry:
+    """Resolve a built-in name or ``"pkg.module:function"`` to a RewardEntry; RewardError if neither."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" not in name:
+        builtin = [n for n, e in sorted(_REGISTRY.items()) if e.fn.__module__.startswith("rewards.")]
+        others = [n for n in registered_names() if n not in builtin]
+        also = f" (also registered: {', '.join(others)})" if others else ""
+        raise RewardError(
+            f"unknown reward {name!r}. Built-in rewards: {', '.join(builtin)}{also}. "
+            "For your own function, use 'package.module:function'."
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:
+        raise RewardError(
+            f"reward {name!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}"
+        ) from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward {name!r} is a {type(obj).__name__}, not a function")
+    for entry in _REGISTRY.values():  # a function its module registered keeps its accuracy flag
+        if entry.fn is obj:
+            return RewardEntry(name, obj, entry.accuracy, entry.preflight)
+    return RewardEntry(name, obj)
+
+
+def get_reward(name: str) -> RewardFn:
+    """The reward function for a built-in name or ``"pkg.module:function"``.
+
+    Example: ``get_reward("math")(["Q"], ["... \\\\boxed{4}"], answer=["4"])`` -> ``[1.0]``.
+    """
+    return resolve_reward(name).fn
+
+
+def on_close(fn: Callable[[], None]) -> Callable[[], None]:
+    """Register a clean-up hook (e.g. stopping worker processes) that ``close_all()`` runs."""
+    _CLOSERS.append(fn)
+    return fn
+
+
+def close_all() -> None:
+    """Stop every worker pool the built-ins started; they restart on the next call."""
+    for fn in _CLOSERS:
+        fn()

@@ -1,0 +1,417 @@
+"""Run untrusted, model-written Python programs in a bubblewrap (``bwrap``) sandbox.
+
+One call runs one program: ``run_python(files, mode, stdin, limits)`` starts
+``bwrap ... python -I runner.py MODE`` (see ``_sandbox_runner.py``), feeds it ``stdin``, and returns its
+capped output, exit status and whether it timed out. ``rewards.code`` builds the programs and scores them.
+
+What the sandbox covers (each property has a hostile test in ``tests/test_sandbox.py``):
+
+- **Host files are read-only.** The program sees ``/`` as a read-only bind mount; it can write only a
+  private ``/tmp`` (a size-capped tmpfs that disappears with it). ``/root``, ``/home``, ``$HOME``, the
+  trainer's working directory and ``/run`` are replaced by empty read-only directories (the Python
+  installation is bound back in, read-only, where it lives under one of them).
+- **No capabilities.** bwrap drops every capability (``--cap-drop ALL``), and ``--disable-userns`` (bwrap
+  0.8+) runs the program in a nested user namespace where its mounts are locked; seccomp denies
+  ``unshare``/``setns``, so it cannot make a user namespace to get capabilities back. Either of the first
+  two stops a remount of ``/`` read-write; with neither (the plain ``bwrap --ro-bind / / --unshare-all``
+  command, run as root) a program *can* remount ``/`` read-write and write to the host: measured here.
+- **No network.** A new, empty network namespace: no interfaces but its own loopback.
+- **No new processes.** A seccomp filter denies ``fork``, ``vfork``, ``clone3`` and ``clone`` without
+  ``CLONE_THREAD`` (threads still work). This is what stops a fork bomb when the trainer runs as root,
+  where ``RLIMIT_NPROC`` is not enforced by the kernel. (x86-64 and aarch64; elsewhere the filter is
+  skipped and only ``RLIMIT_NPROC`` remains.)
+- **Its own PID namespace**, so it cannot see or signal the trainer or any other host process; it dies
+  with the trainer (``--die-with-parent``).
+- **Resource limits** (``setrlimit``, set before the program runs): CPU seconds, address space, number
+  of processes, file size, no core dumps; plus a wall-clock timeout that kills bwrap's process group, and
+  with it the whole PID namespace.
+- **Capped output.** At most ``Limits.output_bytes`` of stdout is kept; a program that prints more is
+  killed.
+- **A stripped environment.** Only ``PATH``, ``HOME=/tmp``, ``LANG`` and thread-count variables: no
+  tokens or keys from the trainer's environment; the trainer's ``/proc/<pid>/environ`` is not visible.
+
+What it does **not** cover:
+
+- Kernel exploits: bwrap relies on the kernel's namespaces and seccomp; a kernel bug can break out.
+- Reading host files outside the hidden directories that the sandbox's user may read (``/etc``,
+  ``/usr``, ``/opt``, ``/var``, other mounted data). Keep secrets in the hidden directories.
+- Side channels and timing, CPU contention with the trainer (bound it with ``workers``).
+- Tampering with the test harness from inside the program's own interpreter. Assert tests run in the
+  solution's process (they call its functions), so a program written to subvert them (walking stack
+  frames to find the report token, patching builtins the tests use) can fake a pass. ``sys.exit``,
+  ``os._exit`` and printing fake results do not. stdin/stdout tests are judged outside the program.
+- ``unsandboxed=True`` mode: only the rlimits, the timeout and the stripped environment apply. It exists
+  for machines without bwrap and warns when used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from rewards.registry import RewardError
+
+INSTALL_HINT = (
+    "The code reward runs model-written programs and needs bubblewrap (`bwrap`) to sandbox them. "
+    "Install it (Debian/Ubuntu: `sudo apt-get install -y bubblewrap`; Fedora: `sudo dnf install bubblewrap`), "
+    "or, on a machine where running untrusted code is acceptable, set `kwargs: {unsandboxed: true}` on the "
+    "code reward in the recipe."
+)
+_RUNNER = (Path(__file__).with_name("_sandbox_runner.py")).read_bytes()
+_INSIDE = "/tmp/.aha"  # where the runner, solution and tests are mounted read-only inside the sandbox
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits for one sandboxed program."""
+
+    timeout_s: float = 10.0
+    """Wall-clock seconds before the whole sandbox is killed (the program then fails)."""
+    memory_mb: int = 1024
+    """Address-space limit (RLIMIT_AS) in MiB; allocations beyond it raise MemoryError."""
+    max_processes: int = 64
+    """RLIMIT_NPROC (threads count too). The seccomp filter already denies new processes."""
+    file_size_mb: int = 16
+    """Largest file the program may write (RLIMIT_FSIZE), in MiB."""
+    tmp_size_mb: int = 64
+    """Size of the private /tmp and /dev/shm, in MiB."""
+    output_bytes: int = 1 << 20
+    """stdout kept; a program printing more is killed. stderr keeps its first 64 KiB."""
+
+    @property
+    def cpu_s(self) -> int:
+        """CPU-seconds limit: a little above the wall-clock limit, as a second layer."""
+        return max(1, math.ceil(self.timeout_s)) + 1
+
+
+@dataclass
+class RunResult:
+    """What one program did. ``returncode`` is None when it was killed (timeout or output cap)."""
+
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    output_capped: bool = False
+    seconds: float = 0.0
+    max_rss_mb: float = 0.0
+    """Peak resident memory of the largest process in the run (bwrap or the program)."""
+
+
+def bwrap_path() -> str | None:
+    """The bwrap executable, or None when it is not installed."""
+    return shutil.which("bwrap")
+
+
+def check_sandbox(unsandboxed: bool = False) -> None:
+    """Raise RewardError (with install instructions) when code cannot be sandboxed and the recipe did not
+    opt into unsandboxed mode; warn when it did."""
+    if unsandboxed:
+        warnings.warn(
+            "code reward: running model-written programs WITHOUT a sandbox (unsandboxed: true). Only rlimits, "
+            "a timeout and a stripped environment apply; the programs can read and write your files.",
+            stacklevel=2,
+        )
+        return
+    if bwrap_path() is None:
+        raise RewardError(f"bwrap not found. {INSTALL_HINT}")
+    _smoke_test()
+
+
+@cache
+def _smoke_test() -> None:
+    """Run one trivial program in the sandbox, once per process: a bwrap that cannot start here (no user
+    namespaces, an AppArmor policy) must fail loudly now, not score every program 0.0 later."""
+    result = run_python({"solution.py": b"print('ok')"}, "stdio", b"", Limits(timeout_s=60))
+    if result.returncode != 0 or result.stdout != b"ok\n":
+        detail = result.stderr.decode(errors="replace").strip()[-1000:] or f"exit status {result.returncode}"
+        raise RewardError(
+            f"bwrap is installed but cannot run a sandboxed program on this machine: {detail}\n"
+            "bwrap needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 "
+            "also kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap). "
+            + INSTALL_HINT
+        )
+
+
+@cache
+def _bwrap_features() -> frozenset[str]:
+    """Options of the installed bwrap that vary by version (``--disable-userns`` is 0.8+, ``--size`` 0.7+)."""
+    exe = bwrap_path()
+    if exe is None:
+        raise RewardError(f"bwrap not found. {INSTALL_HINT}")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=30)
+    return frozenset(opt for opt in ("--disable-userns", "--size") if opt in out.stdout + out.stderr)
+
+
+# --- seccomp: deny process creation (threads allowed) and namespace changes ---------------------------------
+
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# (clone, fork, vfork, clone3, unshare, setns); None where the architecture has no such call.
+_SYSCALLS = {"x86_64": (56, 57, 58, 435, 272, 308), "aarch64": (220, None, None, 435, 97, 268)}
+_CLONE_THREAD = 0x00010000
+_EPERM, _ENOSYS = 1, 38
+
+
+def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k)
+
+
+@cache
+def seccomp_filter() -> bytes | None:
+    """A classic-BPF seccomp program (as bwrap's ``--seccomp FD`` reads it) for this machine's architecture,
+    or None where the architecture is not supported."""
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    if arch not in _AUDIT_ARCH:
+        return None
+    ld_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+
+    def errno(e: int) -> int:
+        return 0x00050000 | e
+
+    clone, fork, vfork, clone3, unshare, setns = _SYSCALLS[arch]
+    prog = [_bpf(ld_abs, 0, 0, 4), _bpf(jeq, 1, 0, _AUDIT_ARCH[arch]), _bpf(ret, 0, 0, kill)]
+    prog.append(_bpf(ld_abs, 0, 0, 0))  # syscall number
+    if arch == "x86_64":  # the x32 ABI reaches the same calls with bit 30 set: deny all of it
+        prog += [_bpf(jge, 0, 1, 0x40000000), _bpf(ret, 0, 0, errno(_EPERM))]
+    denied = [(fork, _EPERM), (vfork, _EPERM), (unshare, _EPERM), (setns, _EPERM), (clone3, _ENOSYS)]
+    for nr, err in denied:  # clone3 -> ENOSYS makes glibc fall back to clone() for threads
+        if nr is not None:
+            prog += [_bpf(jeq, 0, 1, nr), _bpf(ret, 0, 0, errno(err))]
+    prog += [
+        _bpf(jeq, 0, 3, clone),
+        _bpf(ld_abs, 0, 0, 16),  # low 32 bits of args[0]: the clone flags
+        _bpf(jset, 1, 0, _CLONE_THREAD),
+        _bpf(ret, 0, 0, errno(_EPERM)),
+        _bpf(ret, 0, 0, allow),
+    ]
+    return b"".join(prog)
+
+
+# --- the bwrap command line ---------------------------------------------------------------------------------
+
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev")
+
+
+def _is_under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def hidden_dirs() -> list[str]:
+    """Host directories replaced by empty read-only ones inside the sandbox: homes, the trainer's working
+    directory (where configs and ``.env`` files live) and ``/run`` (container secrets)."""
+    candidates = ["/root", "/home", os.path.expanduser("~"), os.getcwd(), "/run"]
+    out = []
+    for d in candidates:
+        d = os.path.realpath(d)
+        if d == "/" or not os.path.isdir(d) or any(_is_under(d, s) or _is_under(s, d) for s in _SYSTEM_DIRS):
+            continue
+        if not any(_is_under(d, o) for o in out):
+            out = [o for o in out if not _is_under(o, d)] + [d]
+    return sorted(out)
+
+
+def _python_paths() -> list[str]:
+    """Directories the interpreter needs: its prefixes, its executable's directory and its site-packages
+    (not other ``sys.path`` entries, which may be the very project directory that is hidden)."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths |= {os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable)}
+    paths |= {p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")}
+    return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
+
+
+def _bwrap_command(data_fds: dict[str, int], seccomp_fd: int | None, limits: Limits) -> list[str]:
+    feats = _bwrap_features()
+    size = lambda mb: ["--size", str(mb * 1024 * 1024)] if "--size" in feats else []  # noqa: E731
+    cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    cmd += [*size(limits.tmp_size_mb), "--tmpfs", "/tmp", *size(limits.tmp_size_mb), "--tmpfs", "/dev/shm"]
+    hidden = hidden_dirs()
+    for d in hidden:
+        cmd += ["--tmpfs", d]
+    for p in _python_paths():
+        if any(_is_under(p, d) for d in hidden):
+            cmd += ["--ro-bind", p, p]
+    for d in hidden:
+        cmd += ["--remount-ro", d]
+    for name, fd in data_fds.items():
+        cmd += ["--ro-bind-data", str(fd), f"{_INSIDE}/{name}"]
+    cmd += ["--chdir", "/tmp", "--unshare-all", "--unshare-user", "--hostname", "sandbox"]
+    cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if "--disable-userns" in feats:
+        cmd.append("--disable-userns")
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
+    return cmd
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous in-memory file holding ``data``, positioned at its start (bwrap reads it from there)."""
+    fd = os.memfd_create(name)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+# --- running one program ------------------------------------------------------------------------------------
+
+
+def _limits_json(limits: Limits) -> str:
+    return json.dumps(
+        {
+            "cpu_s": limits.cpu_s,
+            "memory_mb": limits.memory_mb,
+            "nproc": limits.max_processes,
+            "file_mb": limits.file_size_mb,
+        }
+    )
+
+
+def run_python(
+    files: dict[str, bytes], mode: str, stdin: bytes, limits: Limits, *, sandboxed: bool = True
+) -> RunResult:
+    """Run ``runner.py MODE`` on ``files`` (``solution.py`` and, for mode ``asserts``, ``tests.json``).
+
+    Example: ``run_python({"solution.py": b"print(input())"}, "stdio", b"hi\\n", Limits())``
+    returns ``RunResult(returncode=0, stdout=b"hi\\n", ...)``.
+    """
+    files = {**files, "runner.py": _RUNNER}
+    if not sandboxed:
+        with tempfile.TemporaryDirectory(prefix="aha-unsandboxed-") as root:
+            for name, data in files.items():
+                Path(root, name).write_bytes(data)
+            argv = [sys.executable, "-I", f"{root}/runner.py", mode, root, _limits_json(limits)]
+            return _run(argv, stdin, limits, pass_fds=(), cwd=root)
+    fds = {name: _memfd(name, data) for name, data in files.items()}
+    bpf = seccomp_filter()
+    seccomp_fd = _memfd("seccomp", bpf) if bpf is not None else None
+    try:
+        cmd = _bwrap_command(fds, seccomp_fd, limits)
+        argv = cmd + ["--", sys.executable, "-I", f"{_INSIDE}/runner.py", mode, _INSIDE, _limits_json(limits)]
+        extra = () if seccomp_fd is None else (seccomp_fd,)
+        return _run(argv, stdin, limits, pass_fds=(*fds.values(), *extra), cwd="/")
+    finally:
+        for fd in [*fds.values(), seccomp_fd]:
+            if fd is not None:
+                os.close(fd)
+
+
+def _run(argv: list[str], stdin: bytes, limits: Limits, *, pass_fds: tuple, cwd: str) -> RunResult:
+    start = time.monotonic()
+    deadline = start + limits.timeout_s
+    small = len(stdin) <= 32768  # fits a pipe: the program cannot rewind it (the asserts token goes this way)
+    stdin_file = None if small else tempfile.TemporaryFile()
+    if stdin_file is not None:
+        stdin_file.write(stdin)
+        stdin_file.seek(0)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if small else stdin_file,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(_ENV),
+        cwd=cwd,
+        pass_fds=pass_fds,
+        process_group=0,
+        close_fds=True,
+    )
+    try:
+        if small:
+            try:
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        out, err, timed_out, capped = _collect(proc, deadline, limits.output_bytes)
+        rusage = None if timed_out or capped else _reap(proc, deadline)
+        timed_out = timed_out or (rusage is None and not capped)
+    finally:
+        if proc.returncode is None:
+            rusage = _kill(proc)
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
+        if stdin_file is not None:
+            stdin_file.close()
+    killed = timed_out or capped
+    return RunResult(
+        returncode=None if killed else proc.returncode,
+        stdout=out,
+        stderr=err,
+        timed_out=timed_out,
+        output_capped=capped,
+        seconds=time.monotonic() - start,
+        max_rss_mb=rusage.ru_maxrss / 1024 if rusage is not None else 0.0,
+    )
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout and stderr until both close, the deadline passes or stdout exceeds ``cap``."""
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(out), bytes(err), True, False
+            for key, _ in sel.select(remaining):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.data is out:
+                    out += chunk
+                    if len(out) > cap:
+                        return bytes(out[:cap]), bytes(err), False, True
+                elif len(err) < 65536:
+                    err += chunk[: 65536 - len(err)]
+    return bytes(out), bytes(err), False, False
+
+
+def _reap(proc: subprocess.Popen, deadline: float) -> resource.struct_rusage | None:
+    """Wait for the program to exit by ``deadline``; its resource usage (including the processes it waited
+    for: bwrap waits for the sandbox), or None if it is still running."""
+    delay = 0.001
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return rusage
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(0.02, delay * 2)
+
+
+def _kill(proc: subprocess.Popen) -> resource.struct_rusage:
+    """SIGKILL bwrap's process group; ``--die-with-parent`` and the PID namespace take the rest with it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return rusage
