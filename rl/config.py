@@ -23,11 +23,30 @@ from rl.metrics import DEFAULT_REFLECTION_WORDS
 
 
 @dataclass
+class LoRAConfig:
+    r: int = 0
+    """LoRA rank; 0 = off (full fine-tuning). With LoRA only the adapters train (PEFT), the rollout engine
+    receives merged weights, and the run saves the adapter (PEFT format) besides the merged model."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters."""
+
+
+@dataclass
 class ModelConfig:
     path: str = "aha-tiny"
     """HF model directory or hub id, or `aha-tiny` (the small arithmetic base model shipped with aha)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for the policy (and the reference model when KL is on)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more update time."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Parameter-efficient fine-tuning with LoRA adapters."""
 
 
 @dataclass
@@ -452,6 +471,8 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.betas must be two numbers, e.g. [0.9, 0.999]")
     if config.eval.size < 0 or config.eval.samples < 1 or config.eval.every < 0:
         raise ConfigError("eval.size and eval.every must be >= 0 and eval.samples >= 1")
+    if config.model.lora.r < 0:
+        raise ConfigError("model.lora.r must be >= 0 (0 = full fine-tuning)")
     if config.run.checkpoint_every < 0 or config.run.keep_last < 0:
         raise ConfigError("run.checkpoint_every and run.keep_last must be >= 0")
     if config.track.samples_every < 1 or config.track.log_every < 1:

@@ -219,11 +219,18 @@ def start_run(config: Config) -> Run:
     dump_config(config, run_dir / "config.yaml")
 
     model_path = resolve_model_path(config.model.path)
-    policy_path = resume_from / "model" if resume_from else model_path
+    lora = config.model.lora if config.model.lora.r else None
+    # A full fine-tuning checkpoint holds the whole policy; a LoRA one holds the adapter, over the base model.
+    policy_path = resume_from / "model" if resume_from and not lora else model_path
     tokenizer, policy = load_policy(policy_path, config.model.dtype, device)
-    # R1-Zero default: kl_coef = 0 loads no reference model at all.
+    if lora:
+        policy = add_lora(policy, lora, resume_from / "model" if resume_from else None)
+    if config.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # R1-Zero default: kl_coef = 0 loads no reference model at all. With LoRA the reference is the base
+    # model itself, reached by switching the adapters off, so no second copy is loaded either.
     reference = None
-    if config.algorithm.kl_coef:
+    if config.algorithm.kl_coef and not lora:
         reference = load_policy(model_path, config.model.dtype, device)[1].eval().requires_grad_(False)
 
     train_set = PromptSet.load(config, config.data.source, config.data.split, config.data.limit, tokenizer)
@@ -244,8 +251,10 @@ def start_run(config: Config) -> Run:
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
+    if lora and resume_from:
+        engine.update_weights(policy)  # the engine started from the base weights; give it the adapters
     optimizer = torch.optim.AdamW(
-        policy.parameters(),
+        [p for p in policy.parameters() if p.requires_grad],
         lr=config.optim.lr,
         betas=tuple(config.optim.betas),
         weight_decay=config.optim.weight_decay,
@@ -312,7 +321,11 @@ def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
 def finish_run(run: Run, evaluations: dict[str, list[dict]]) -> None:
     """Final model, dashboard, samples page and the before/after view."""
     if run.config.run.save_model:
-        run.policy.save_pretrained(run.run_dir / "model", safe_serialization=True)
+        policy = run.policy
+        if run.config.model.lora.r:  # the adapter in PEFT format, then the merged model
+            policy.save_pretrained(run.run_dir / "adapter", safe_serialization=True)
+            policy = policy.merge_and_unload()
+        policy.save_pretrained(run.run_dir / "model", safe_serialization=True)
         run.tokenizer.save_pretrained(run.run_dir / "model")
     if run.config.track.dashboard:
         plot_runs([run.run_dir], run.run_dir / "dashboard.png")
@@ -530,9 +543,8 @@ def update_policy(
                 pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
                 loss = pg_loss
                 kl = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_logprobs, _ = completion_logprobs(reference, batch, temperature)
+                if algo.kl_coef:
+                    ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
                     kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
                     loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
                 if not torch.isfinite(loss):
@@ -551,6 +563,17 @@ def update_policy(
             scheduler.step()
             sums.add_step(grad_norm, scheduler.get_last_lr()[0])
     return sums.metrics()
+
+
+@torch.no_grad()
+def reference_logprobs(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, batch: PackedBatch, temperature: float
+) -> torch.Tensor:
+    """Log-probs under the reference policy: the frozen copy, or for LoRA the policy with adapters off."""
+    if reference is not None:
+        return completion_logprobs(reference, batch, temperature)[0]
+    with policy.disable_adapter():
+        return completion_logprobs(policy, batch, temperature)[0]
 
 
 def _pack(samples: list[Sample], pad_id: int) -> PackedBatch:
@@ -621,6 +644,22 @@ def resolve_model_path(path: str) -> Path | str:
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise AhaError(f"model path does not exist: {path}")
     return path  # a hub id
+
+
+def add_lora(policy: torch.nn.Module, lora: Any, adapter_dir: Path | None) -> torch.nn.Module:
+    """Wrap the policy with trainable LoRA adapters: new ones, or the ones saved in `adapter_dir`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(policy, adapter_dir, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(policy, config)
 
 
 def load_policy(path: Path | str, dtype: str, device: torch.device) -> tuple[Any, torch.nn.Module]:

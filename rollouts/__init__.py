@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams
+from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams, merged_weights
 
 ENGINES: dict[str, str] = {
     "transformers": "rollouts.hf_engine:TransformersEngine",
@@ -27,4 +27,12 @@ def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
     return getattr(module, class_name)(**kwargs)
 
 
-__all__ = ["Completion", "EngineError", "RolloutEngine", "SamplingParams", "build_engine", "ENGINES"]
+__all__ = [
+    "Completion",
+    "EngineError",
+    "RolloutEngine",
+    "SamplingParams",
+    "build_engine",
+    "merged_weights",
+    "ENGINES",
+]

@@ -9,6 +9,7 @@ After each policy update the loop calls `update_weights(policy)`; engines that s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -64,3 +65,34 @@ class RolloutEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@torch.no_grad()
+def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights as (name, tensor) pairs named like the base HF model, for engines that keep their
+    own copy. For a PEFT LoRA policy each adapted weight is computed out of place as W + B A * alpha / r, so
+    the engine samples from exactly the policy being trained while the trainer's W is never touched (merging
+    and unmerging in place would drift W by rounding error every step).
+
+        engine_model.load_weights(merged_weights(policy))
+    """
+    is_peft = hasattr(policy, "peft_config")
+    deltas: dict[str, torch.Tensor] = {}
+    if is_peft:
+        for name, module in policy.named_modules():
+            if (
+                hasattr(module, "get_delta_weight")
+                and hasattr(module, "base_layer")
+                and not module.disable_adapters
+            ):
+                active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+                if active:
+                    deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in active)
+    for name, tensor in policy.state_dict().items():
+        if is_peft:
+            if "lora_" in name:
+                continue
+            if name in deltas:
+                tensor = tensor + deltas[name].to(tensor.dtype)
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        yield name, tensor

@@ -37,7 +37,9 @@ def build_tokenizer():
     )
 
 
-def build_model(vocab_size: int, seed: int = 0, eos_id: int = 1, pad_id: int = 0):
+def build_model(
+    vocab_size: int, seed: int = 0, eos_id: int = 1, pad_id: int = 0, initializer_range: float = 0.02
+):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -52,13 +54,16 @@ def build_model(vocab_size: int, seed: int = 0, eos_id: int = 1, pad_id: int = 0
         tie_word_embeddings=True,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        initializer_range=initializer_range,
     )
     return Qwen2ForCausalLM(config)
 
 
-def save_tiny_model(path: Path, seed: int = 0) -> Path:
+def save_tiny_model(path: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = build_model(
+        len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id, initializer_range
+    )
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
@@ -68,6 +73,13 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny random Qwen2 + tokenizer directory (read-only for tests: copy before changing)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory) -> Path:
+    """Like tiny_model_dir with 5x larger initial weights: at the default 0.02 a random 64-wide model's
+    layers barely move its output, so low-rank adapters on them need many steps to change what it samples."""
+    return save_tiny_model(tmp_path_factory.mktemp("lively-qwen2"), initializer_range=0.1)
 
 
 @pytest.fixture(scope="session")
