@@ -7,6 +7,7 @@ aha recipes                                the shipped recipes with their one-li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = items.pop(0)
     config = load_config(resolve_recipe(recipe), items)
     run_dir = train(config)
-    print(f"run written to {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, also when launched on several ranks
+        print(f"run written to {run_dir}")
     return 0
 
 

@@ -109,3 +109,17 @@ def _chunk(
     else:
         entropy = torch.zeros(0, device=hidden.device)
     return logprobs, entropy
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """The policy as a module whose forward is `completion_logprobs`, so that DistributedDataParallel, which
+    synchronises gradients of what runs through its wrapper's forward, covers the whole computation."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return completion_logprobs(self.policy, batch, temperature, with_entropy=with_entropy)

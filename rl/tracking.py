@@ -109,7 +109,16 @@ class Loggers:
             run = module.init(project=project, name=run_dir.name, config=config)
             self.backends.append((name, run if name == "wandb" else module))
 
+    @classmethod
+    def silent(cls) -> Loggers:
+        """Loggers that write nothing (ranks other than 0 of a data-parallel run)."""
+        loggers = cls.__new__(cls)
+        loggers.jsonl, loggers.backends, loggers.warnings = None, [], []
+        return loggers
+
     def log(self, row: dict[str, float]) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         step = int(row["step"])
@@ -122,7 +131,8 @@ class Loggers:
                 backend.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         for name, backend in self.backends:
             if name == "tensorboard":
                 backend.close()

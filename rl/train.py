@@ -12,6 +12,7 @@ One step:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ from rl import metrics as M
 from rl.checkpoint import find_resume_point, load_training_state, save_checkpoint, truncate_log
 from rl.config import Config, dump_config, to_dict
 from rl.data import PromptSampler, PromptSet
+from rl.distributed import Distributed
 from rl.errors import AhaError
 from rl.grpo import (
     aggregate_loss,
@@ -41,7 +43,7 @@ from rl.grpo import (
     policy_loss,
     truncated_is_weight,
 )
-from rl.logprobs import PackedBatch, completion_logprobs, pack
+from rl.logprobs import CompletionLogprobs, PackedBatch, completion_logprobs, pack
 from rl.report import plot_runs, write_samples_html
 from rl.tracking import Alarms, Console, Loggers, sample_records
 from rollouts import SamplingParams, build_engine
@@ -81,6 +83,7 @@ class Run:
     loggers: Loggers
     console: Console
     alarms: Alarms
+    dist: Distributed
     start_step: int = 1
     skipped_in_a_row: int = 0
 
@@ -102,10 +105,11 @@ def train(config: Config) -> Path:
         top_p=config.rollout.top_p,
         stop=tuple(config.rollout.stop),
     )
+    trainer = run.dist.wrap(CompletionLogprobs(policy))  # DDP over ranks when launched with several
     evaluations: dict[str, list[dict]] = {}
     stop = GracefulStop(run.console)
     try:
-        if run.eval_set is not None and run.start_step == 1:
+        if run.eval_set is not None and run.start_step == 1 and run.dist.is_main:
             row, evaluations["before"] = evaluate(engine, run.scorer, run.eval_set, config)
             run.loggers.log({"step": 0, **row})
             run.console.message(f"held-out before training: {eval_summary(row)}", style="cyan")
@@ -114,12 +118,10 @@ def train(config: Config) -> Path:
             step_start = time.perf_counter()
 
             # ---- 1-3. prompts -> G completions each -> rewards (+ dynamic sampling rounds) -------------------
-            batch = sample_batch(run, dataclasses.replace(params, seed=config.train.seed * 100_003 + step))
+            batch = sample_batch(run, params, step)
 
             # ---- 4. advantages ------------------------------------------------------------------------------
-            advantages = group_advantages(
-                fill_missing(batch.rewards, batch.scored), config.algorithm.baseline, config.algorithm.scale
-            )  # [P, G]
+            advantages = rank_advantages(batch, config, run.dist)  # [P, G]
             samples = [
                 Sample(g := i // group_size, run.train_set.ids[batch.rows[g]], c.token_ids, c.logprobs, a, t)
                 for i, (c, a, t) in enumerate(
@@ -136,14 +138,9 @@ def train(config: Config) -> Path:
             t = time.perf_counter()
             engine.sleep()
             update = update_policy(
-                policy,
-                run.reference,
-                run.optimizer,
-                run.scheduler,
-                samples,
-                config,
-                run.tokenizer.pad_token_id,
-            )
+                trainer, policy, run.reference, run.optimizer, run.scheduler, samples, config,
+                run.tokenizer.pad_token_id, run.dist,
+            )  # fmt: skip
             update_s = time.perf_counter() - t
 
             # ---- 6. weight sync -----------------------------------------------------------------------------
@@ -170,28 +167,33 @@ def train(config: Config) -> Path:
                 )
             )
             row["perf/peak_mem_gib"] = M.peak_memory_gib(run.device)
+            row = run.dist.reduce_metrics(row)
             last = step == config.train.steps
-            if run.eval_set is not None and (last or (config.eval.every and step % config.eval.every == 0)):
+            due = last or (config.eval.every and step % config.eval.every == 0)
+            if run.eval_set is not None and due and run.dist.is_main:
                 eval_row, evaluations["after"] = evaluate(engine, run.scorer, run.eval_set, config)
                 row.update(eval_row)
             for message in run.alarms.check(row):
                 run.console.message(f"alarm: {message}", style="bold red")
-            if step % track.samples_every == 0 or last:
+            if (step % track.samples_every == 0 or last) and run.dist.is_main:
                 write_samples(run.run_dir, step, run.train_set, first, config)
             run.loggers.log(row)
             run.console.step(row)
 
             run.skipped_in_a_row = run.skipped_in_a_row + 1 if update["optim/skipped_updates"] else 0
             every = config.run.checkpoint_every
-            if last or stop.requested or (every and step % every == 0):
-                save_run_checkpoint(run, step, row)
+            stopping = run.dist.max(float(stop.requested)) > 0  # every rank stops at the same step
+            if last or stopping or (every and step % every == 0):
+                if run.dist.is_main:
+                    save_run_checkpoint(run, step, row)
+                run.dist.barrier()
             if run.skipped_in_a_row >= config.train.max_skipped_steps:
                 raise AhaError(
                     f"the loss or gradient was NaN/inf in {run.skipped_in_a_row} steps in a row, so their updates "
                     "were skipped; stopping. Likely causes: a learning rate too high (optim.lr), float16 overflow "
                     "(use model.dtype=bfloat16 or float32), or extreme reward values"
                 )
-            if stop.requested:
+            if stopping:
                 run.console.message(
                     f"stopped after step {step}; checkpoint saved. Continue with: aha train ... resume=auto",
                     "yellow",
@@ -201,7 +203,8 @@ def train(config: Config) -> Path:
         stop.restore()
         run.close()
 
-    finish_run(run, evaluations)
+    if run.dist.is_main:
+        finish_run(run, evaluations)
     return run.run_dir
 
 
@@ -213,10 +216,19 @@ def start_run(config: Config) -> Run:
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = pick_device(config.train.device)
+    dist = Distributed(device)
+    if dist.enabled:
+        device = dist.device
+        if config.train.prompts_per_step % dist.world:
+            raise AhaError(
+                f"train.prompts_per_step={config.train.prompts_per_step} must divide by the {dist.world} ranks: "
+                "each rank trains on whole groups"
+            )
     run_dir = config.run_dir
     resume_from = find_resume_point(run_dir, config.run.resume) if config.run.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
 
     model_path = resolve_model_path(config.model.path)
     lora = config.model.lora if config.model.lora.r else None
@@ -264,7 +276,7 @@ def start_run(config: Config) -> Run:
         optimizer, lambda i: lr_factor(i, config.optim.warmup_steps, total_updates, config.optim.schedule)
     )
     state = load_training_state(resume_from, optimizer, scheduler) if resume_from else None
-    for log in ("metrics.jsonl", "samples.jsonl"):
+    for log in ("metrics.jsonl", "samples.jsonl") if dist.is_main else ():
         if state is not None:
             truncate_log(run_dir / log, state["step"])  # steps logged after the checkpoint are redone
         else:
@@ -287,9 +299,12 @@ def start_run(config: Config) -> Run:
         sampler=PromptSampler(len(train_set), config.train.seed),
         loggers=Loggers(
             run_dir, to_dict(config), track.tensorboard, track.wandb, track.trackio, track.project
-        ),
-        console=Console(track.console, config.train.steps, track.log_every),
+        )
+        if dist.is_main
+        else Loggers.silent(),
+        console=Console(track.console if dist.is_main else "quiet", config.train.steps, track.log_every),
         alarms=Alarms(config.rollout.max_new_tokens, track.zero_reward_steps, track.truncation_alarm),
+        dist=dist,
     )
     if state is not None:
         run.sampler.load_state_dict(state["sampler"])
@@ -399,23 +414,43 @@ class StepBatch:
         return out
 
 
-def sample_batch(run: Run, params: SamplingParams) -> StepBatch:
+def rank_advantages(batch: StepBatch, config: Config, dist: Distributed) -> torch.Tensor:
+    """Group-relative advantages of this rank's groups. Groups never span ranks, so only the batch-std scale
+    needs the other ranks' rewards."""
+    algo = config.algorithm
+    rewards = fill_missing(batch.rewards, batch.scored)  # [P, G]
+    if algo.scale != "batch" or not dist.enabled:
+        return group_advantages(rewards, algo.baseline, algo.scale)
+    per_rank = dist.gather_objects(rewards.cpu())
+    everything = group_advantages(torch.cat(per_rank), algo.baseline, algo.scale)  # [P * world, G]
+    offset = sum(len(r) for r in per_rank[: dist.rank])
+    return everything[offset : offset + len(rewards)]
+
+
+def sample_batch(run: Run, params: SamplingParams, step: int) -> StepBatch:
     """Prompts -> G completions each -> rewards, with DAPO's options.
 
     Overlong shaping adds a penalty to completions that run into the token-limit buffer; overlong filtering
     keeps truncated completions out of the loss. Dynamic sampling drops groups whose rewards are all equal
-    and samples more prompts, for at most algorithm.dynamic_max_rounds extra rounds.
+    and samples more prompts, for at most algorithm.dynamic_max_rounds extra rounds. With several ranks,
+    every rank draws the same global prompts and keeps its slice; prompt i of a round is sampled with seed
+    base + i (its global position), so what a prompt gets is the same on any number of ranks.
     """
-    config, algo = run.config, run.config.algorithm
-    group_size, wanted = config.rollout.group_size, config.train.prompts_per_step
+    config, algo, dist = run.config, run.config.algorithm, run.dist
+    group_size, wanted = config.rollout.group_size, config.train.prompts_per_step // dist.world
     max_rounds = 1 + (algo.dynamic_max_rounds if algo.dynamic_sampling else 0)
     kept: list[tuple[int, list[Any], torch.Tensor, torch.Tensor, torch.Tensor]] = []
     first, rounds, dropped, rollout_s, reward_s = None, 0, 0, 0.0, 0.0
-    while len(kept) < wanted and rounds < max_rounds:
-        rows = run.sampler.next_batch(wanted - len(kept))
+    while rounds < max_rounds:
+        missing = int(dist.max(wanted - len(kept)))  # ranks draw in lockstep, so their samplers stay equal
+        if missing == 0:
+            break
+        all_rows = run.sampler.next_batch(missing * dist.world)
+        rows = dist.shard(all_rows)[: wanted - len(kept)]
+        base = (config.train.seed * 1_000_003 + step * 1_009 + rounds) * 65_536 + dist.rank * missing
         t = time.perf_counter()
         groups = run.engine.generate(
-            [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=params.seed + rounds)
+            [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=base)
         )
         rollout_s += time.perf_counter() - t
         completions = [c for group in groups for c in group]
@@ -453,7 +488,6 @@ def sample_batch(run: Run, params: SamplingParams) -> StepBatch:
             )
         rounds += 1
 
-    kept = kept[:wanted]
     empty = torch.zeros((0, group_size))
     return StepBatch(
         rows=[k[0] for k in kept],
@@ -470,6 +504,7 @@ def sample_batch(run: Run, params: SamplingParams) -> StepBatch:
 
 
 def update_policy(
+    trainer: torch.nn.Module,
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
@@ -477,14 +512,16 @@ def update_policy(
     samples: list[Sample],
     config: Config,
     pad_id: int,
+    dist: Distributed,
 ) -> dict[str, float]:
-    """epochs x mini-batches optimizer steps over one generation batch; returns the update's metrics."""
-    algo, temperature = config.algorithm, config.rollout.temperature
-    micro = config.train.micro_batch_size
-    num_groups = (
-        max((s.group for s in samples), default=-1) + 1
-    )  # short of prompts_per_step after dynamic sampling
-    # Whole groups per mini-batch, so a later data-parallel split never cuts a group.
+    """epochs x mini-batches optimizer steps over one generation batch; returns the update's metrics.
+
+    `trainer` is `CompletionLogprobs(policy)`, wrapped in DDP when several ranks train: its forward computes
+    the log-probs, and its backward averages gradients over ranks.
+    """
+    algo, temperature, micro = config.algorithm, config.rollout.temperature, config.train.micro_batch_size
+    num_groups = max((s.group for s in samples), default=-1) + 1  # < prompts_per_step after dynamic sampling
+    # Whole groups per mini-batch, so no group is cut.
     bounds = [k * num_groups // algo.minibatches for k in range(algo.minibatches + 1)]
     minibatches = [
         [s for s in samples if bounds[k] <= s.group < bounds[k + 1]] for k in range(algo.minibatches)
@@ -503,57 +540,68 @@ def update_policy(
 
     sums = M.UpdateAccumulator()
     policy.train()
+    device = next(policy.parameters()).device
     for _ in range(algo.epochs):
         for mini in minibatches:
             mini = [s for s in mini if s.valid]
-            if not mini:
+            # Loss normalisers count the whole mini-batch over all ranks, so that summing micro-batch losses
+            # (and DDP averaging world-size-scaled gradients) gives exactly the one-process loss.
+            norm = {
+                "max_len": config.rollout.max_new_tokens,
+                "num_seqs": int(dist.sum(len(mini))),
+                "num_tokens": int(dist.sum(sum(len(s.completion_ids) for s in mini))),
+            }
+            if norm["num_seqs"] == 0:
                 continue
-            num_tokens = sum(len(s.completion_ids) for s in mini)
+            # Every rank runs as many forward/backward passes as the busiest one (DDP syncs in each backward);
+            # the extra ones are zero-weighted repeats of a sample.
+            chunks = [mini[i : i + micro] for i in range(0, len(mini), micro)]
+            real_chunks = len(chunks)
+            filler = [(mini or [s for s in samples if s.valid] or samples)[0]]
+            chunks += [filler] * (int(dist.max(real_chunks)) - real_chunks)
             optimizer.zero_grad(set_to_none=True)
             finite = True
-            for start in range(0, len(mini), micro):
-                chunk = mini[start : start + micro]
-                batch = _pack(chunk, pad_id)
-                device = next(policy.parameters()).device
-                mask = batch.completion_mask.to(device)  # [b, T]
-                logprobs, entropy = completion_logprobs(
-                    policy, batch, temperature, with_entropy=True
-                )  # [b, T]
-                if single_update:
-                    # One update per batch: the weights that sampled this batch are exactly the current weights
-                    # (nothing has changed them since generation), so old log-probs equal these log-probs.
-                    # Detaching gives ratio 1 with gradient grad(logp) * A, and saves a forward pass.
-                    old_logprobs = logprobs.detach()
-                else:
-                    old_logprobs = _stack([old[id(s)] for s in chunk], logprobs)
-                rollout_logprobs = _stack(
-                    [torch.tensor(s.rollout_logprobs) for s in chunk], logprobs
-                )  # [b, T]
-                adv = torch.tensor([s.advantage for s in chunk], device=device)  # [b]
-                per_token, clip_low, clip_high = policy_loss(
-                    logprobs, old_logprobs, adv, algo.clip_low, algo.clip_high, algo.dual_clip
-                )  # [b, T]
-                if algo.tis_cap is not None:
-                    per_token = per_token * truncated_is_weight(old_logprobs, rollout_logprobs, algo.tis_cap)
-                norm = {
-                    "max_len": config.rollout.max_new_tokens,
-                    "num_seqs": len(mini),
-                    "num_tokens": num_tokens,
-                }
-                pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
-                loss = pg_loss
-                kl = None
-                if algo.kl_coef:
-                    ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
-                    kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
-                    loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
-                if not torch.isfinite(loss):
-                    finite = False  # skip this mini-batch's update; the loop stops after repeated skips
-                    break
-                loss.backward()
-                ratio = torch.exp(logprobs.detach() - old_logprobs)
-                sums.add(mask, pg_loss, entropy, clip_low, clip_high, ratio, kl)
-                sums.add_mismatch(mask, old_logprobs, rollout_logprobs)
+            for k, chunk in enumerate(chunks):
+                weight = float(dist.world) if k < real_chunks else 0.0
+                sync = k == len(chunks) - 1 or not dist.enabled
+                with contextlib.nullcontext() if sync else trainer.no_sync():
+                    batch = _pack(chunk, pad_id)
+                    mask = batch.completion_mask.to(device)  # [b, T]
+                    logprobs, entropy = trainer(batch, temperature, with_entropy=True)  # [b, T]
+                    if single_update:
+                        # One update per batch: the weights that sampled this batch are exactly the current
+                        # weights (nothing changed them since generation), so old log-probs equal these
+                        # log-probs. Detaching gives ratio 1 with gradient grad(logp) * A, and saves a forward.
+                        old_logprobs = logprobs.detach()
+                    else:
+                        old_logprobs = _stack([old[id(s)] for s in chunk], logprobs)
+                    rollout_logprobs = _stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs)
+                    adv = torch.tensor([s.advantage for s in chunk], device=device)  # [b]
+                    per_token, clip_low, clip_high = policy_loss(
+                        logprobs, old_logprobs, adv, algo.clip_low, algo.clip_high, algo.dual_clip
+                    )  # [b, T]
+                    if algo.tis_cap is not None:
+                        per_token = per_token * truncated_is_weight(
+                            old_logprobs, rollout_logprobs, algo.tis_cap
+                        )
+                    pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
+                    loss, kl = pg_loss, None
+                    if algo.kl_coef:
+                        ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
+                        kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
+                        loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
+                    if not torch.isfinite(loss):
+                        finite, weight = (
+                            False,
+                            0.0,
+                        )  # the update is skipped; the run stops after repeated skips
+                        loss = logprobs.nan_to_num(0.0, 0.0, 0.0).sum()  # a finite stand-in for DDP's sync
+                    (loss * weight).backward()
+                if weight:
+                    ratio = torch.exp(logprobs.detach() - old_logprobs)
+                    sums.add(mask, pg_loss, entropy, clip_low, clip_high, ratio, kl)
+                    sums.add_mismatch(mask, old_logprobs, rollout_logprobs)
+            finite = dist.max(0.0 if finite else 1.0) == 0.0  # one rank's NaN skips the step everywhere
             grad_norm = _clip_grad(policy, config.optim.grad_clip) if finite else float("nan")
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)

@@ -40,25 +40,35 @@ class TransformersEngine:
         pass
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        expanded = [p for p in prompts for _ in range(params.n)]  # prompt i's samples are contiguous
         device = next(self.policy.parameters()).device
-        generator = None
+        # Prompt i draws from its own generator seeded with seed + i, so its samples do not depend on which
+        # other prompts share the batch (or on how many ranks split the batch).
+        generators = [None] * len(prompts)
         if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+            generators = [
+                torch.Generator(device=device).manual_seed(params.seed + i) for i in range(len(prompts))
+            ]
+        per_chunk = max(1, self.max_batch_size // params.n)  # whole groups per decoding batch
         was_training = self.policy.training
         self.policy.eval()
         try:
             flat: list[Completion] = []
-            for start in range(0, len(expanded), self.max_batch_size):
-                flat += self._sample(expanded[start : start + self.max_batch_size], params, device, generator)
+            for start in range(0, len(prompts), per_chunk):
+                chunk = prompts[start : start + per_chunk]
+                flat += self._sample(chunk, params, device, generators[start : start + per_chunk])
         finally:
             self.policy.train(was_training)
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()
     def _sample(
-        self, prompts: list[list[int]], params: SamplingParams, device: torch.device, generator: Any
+        self,
+        group_prompts: list[list[int]],
+        params: SamplingParams,
+        device: torch.device,
+        generators: list[Any],
     ) -> list[Completion]:
+        prompts = [p for p in group_prompts for _ in range(params.n)]  # a group's samples are contiguous
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
@@ -87,7 +97,9 @@ class TransformersEngine:
         steps = 0
         for t in range(params.max_new_tokens):
             logits = out.logits[:, -1, :].float()  # [B, V]
-            next_ids, next_lp = _sample_next(logits, params.temperature, params.top_p, generator)  # [B], [B]
+            next_ids, next_lp = _sample_next(
+                logits, params.temperature, params.top_p, generators, params.n
+            )  # [B]
             tokens[:, t], logprobs[:, t] = next_ids, next_lp
             steps = t + 1
             hit_eos = torch.isin(next_ids, eos) & ~stopped  # [B]
@@ -134,9 +146,10 @@ class TransformersEngine:
 
 
 def _sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: Any
+    logits: torch.Tensor, temperature: float, top_p: float, generators: list[Any], n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row. Returns (ids [B], log-prob of each id under softmax(logits / T) [B]).
+    """Sample one token per row; rows [g*n, (g+1)*n) draw from generators[g].
+    Returns (ids [B], log-prob of each id under softmax(logits / T) [B]).
 
     The log-prob is of the temperature-scaled distribution before top-p truncation, which is what the
     trainer recomputes; with temperature 0 (greedy) it is the log-prob under the unscaled distribution.
@@ -152,5 +165,14 @@ def _sample_next(
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    if all(g is None for g in generators):
+        ids = torch.multinomial(probs, 1).squeeze(-1)  # [B]
+    else:
+        ids = torch.cat(
+            [
+                torch.multinomial(probs[g * n : (g + 1) * n], 1, generator=gen)
+                for g, gen in enumerate(generators)
+            ]
+        )
+        ids = ids.squeeze(-1)  # [B]
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
