@@ -118,8 +118,6 @@ class RunResult:
     timed_out: bool = False
     output_capped: bool = False
     seconds: float = 0.0
-    max_rss_mb: float = 0.0
-    """Peak resident memory of the largest process in the run (bwrap or the program)."""
 
 
 def bwrap_path() -> str | None:
@@ -364,7 +362,6 @@ def _run(argv: list[str], stdin: bytes, limits: Limits, *, pass_fds: tuple, cwd:
         timed_out=timed_out,
         output_capped=capped,
         seconds=time.monotonic() - start,
-        max_rss_mb=rusage.ru_maxrss / 1024 if rusage is not None else 0.0,
     )
 
 
