@@ -5,6 +5,8 @@ Nothing is downloaded: the tokenizer is trained here and the model is built from
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,24 @@ def lively_model_dir(tmp_path_factory) -> Path:
     """Like tiny_model_dir with 5x larger initial weights: at the default 0.02 a random 64-wide model's
     layers barely move its output, so low-rank adapters on them need many steps to change what it samples."""
     return save_tiny_model(tmp_path_factory.mktemp("lively-qwen2"), initializer_range=0.1)
+
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_PROMPTS = ["abc", "The", "What is", "cab"]
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> Path:
+    """A prompts file for the toy rewards in tests/toy_rewards.py (`tests.toy_rewards:letter_a`)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "answer": "a"}) for p in TOY_PROMPTS))
+    return data
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """Environment for `python -m rl.cli` subprocesses that can import tests.toy_rewards."""
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 @pytest.fixture(scope="session")

@@ -19,26 +19,19 @@ from rl.checkpoint import list_checkpoints, save_checkpoint
 from rl.config import load_config
 from rl.errors import AhaError, DataError
 from rl.train import train
-
-REWARD = 'def letter_a(prompts, completions, **columns):\n    return [c.count("a") / max(len(c), 1) for c in completions]\n'
+from tests.conftest import REPO
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "toy_rewards.py").write_text(REWARD)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(
-        "\n".join(json.dumps({"prompt": p, "answer": "a"}) for p in ["abc", "The", "What is", "cab"])
-    )
-    return tmp_path
+def workdir(tmp_path, toy_data):
+    return tmp_path  # holds prompts.jsonl (toy_data) and the runs
 
 
 def _overrides(workdir: Path, model_dir: Path, name: str, steps: int = 6) -> list[str]:
     return [
         f"model.path={model_dir}",
         f"data.source={workdir / 'prompts.jsonl'}",
-        "rewards=[{name: 'toy_rewards:letter_a'}]",
+        "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
         f"train.steps={steps}",
         "train.prompts_per_step=2",
         "train.micro_batch_size=8",
@@ -58,7 +51,7 @@ def _overrides(workdir: Path, model_dir: Path, name: str, steps: int = 6) -> lis
 
 
 def _aha(workdir: Path, args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{workdir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
         [sys.executable, "-m", "rl.cli", "train", *args],
         env=env,
@@ -118,7 +111,7 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(workd
         "sys.exit(main(sys.argv[1:]))\n"
     )
     args = _overrides(workdir, tiny_model_dir, "crash", steps=4)
-    env = {**os.environ, "PYTHONPATH": f"{workdir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, str(workdir / "crash_on_save.py"), "train", *args], env=env)
     assert proc.returncode == -signal.SIGKILL
 

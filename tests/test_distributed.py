@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
 
-REWARD = 'def letter_a(prompts, completions, **columns):\n    return [c.count("a") / max(len(c), 1) for c in completions]\n'
 
-
-def test_two_ranks_give_the_same_update_as_one_process(tmp_path, tiny_model_dir):
-    (tmp_path / "toy_rewards.py").write_text(REWARD)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["abc", "cab", "bca", "aaa"]))
+def test_two_ranks_give_the_same_update_as_one_process(tmp_path, toy_data, subprocess_env, tiny_model_dir):
+    data, env = toy_data, subprocess_env
     args = [
         "train",
         f"model.path={tiny_model_dir}",
         f"data.source={data}",
-        "rewards=[{name: 'toy_rewards:letter_a'}]",
+        "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
         "train.steps=1",
         "train.prompts_per_step=4",
         "train.micro_batch_size=3",  # uneven micro-batches: rank-local accumulation must still add up
@@ -35,7 +30,6 @@ def test_two_ranks_give_the_same_update_as_one_process(tmp_path, tiny_model_dir)
         "track.dashboard=false",
         "eval.size=0",
     ]
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     one = subprocess.run(
         [sys.executable, "-m", "rl.cli", *args, "run.name=one"],
         env=env,

@@ -14,20 +14,14 @@ from rollouts import merged_weights
 from rollouts.base import SamplingParams
 from rollouts.hf_engine import TransformersEngine
 
-REWARD = 'def letter_a(prompts, completions, **columns):\n    return [c.count("a") / max(len(c), 1) for c in completions]\n'
 
-
-def _config(tmp_path, monkeypatch, model_dir, name, steps, extra=()):
-    (tmp_path / "toy_rewards.py").write_text(REWARD)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["abc", "The", "What is", "cab"]))
+def _config(tmp_path, data, model_dir, name, steps, extra=()):
     return load_config(
         None,
         [
             f"model.path={model_dir}",
             f"data.source={data}",
-            "rewards=[{name: 'toy_rewards:letter_a'}]",
+            "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
             f"train.steps={steps}",
             "train.prompts_per_step=4",
             "train.micro_batch_size=16",
@@ -46,8 +40,8 @@ def _config(tmp_path, monkeypatch, model_dir, name, steps, extra=()):
     )
 
 
-def test_lora_run_raises_reward_and_saves_a_loadable_peft_adapter(tmp_path, monkeypatch, lively_model_dir):
-    run_dir = train(_config(tmp_path, monkeypatch, lively_model_dir, "lora", steps=12))
+def test_lora_run_raises_reward_and_saves_a_loadable_peft_adapter(tmp_path, toy_data, lively_model_dir):
+    run_dir = train(_config(tmp_path, toy_data, lively_model_dir, "lora", steps=12))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["reward/mean"] for r in rows[:3]) / 3
     last = sum(r["reward/mean"] for r in rows[-3:]) / 3
@@ -91,13 +85,11 @@ def test_engine_samples_from_the_updated_lora_policy(tiny_model, tokenizer):
     assert after.logprobs != before.logprobs
 
 
-def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path, monkeypatch, tiny_model_dir):
-    config = _config(
-        tmp_path, monkeypatch, tiny_model_dir, "resume", steps=2, extra=["run.checkpoint_every=1"]
-    )
+def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path, toy_data, tiny_model_dir):
+    config = _config(tmp_path, toy_data, tiny_model_dir, "resume", steps=2, extra=["run.checkpoint_every=1"])
     run_dir = train(config)
     assert (run_dir / "checkpoints" / "step-000002" / "model" / "adapter_config.json").is_file()
-    longer = _config(tmp_path, monkeypatch, tiny_model_dir, "resume", steps=3, extra=["run.resume=auto"])
+    longer = _config(tmp_path, toy_data, tiny_model_dir, "resume", steps=3, extra=["run.resume=auto"])
     train(longer)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

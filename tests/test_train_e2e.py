@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,33 +12,15 @@ from transformers import AutoModelForCausalLM
 from rl.config import load_config
 from rl.train import train
 
-REWARD_MODULE = textwrap.dedent(
-    '''
-    def letter_a(prompts, completions, **columns):
-        """Fraction of the completion's characters that are 'a': a reward a random model can learn."""
-        return [c.count("a") / max(len(c), 1) for c in completions]
-    '''
-)
 
-
-def _setup(tmp_path, monkeypatch):
-    (tmp_path / "toy_rewards.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(
-        "\n".join(json.dumps({"prompt": p, "answer": "a"}) for p in ["abc", "The", "What is", "cab"])
-    )
-    return data
-
-
-def test_mean_reward_rises_on_a_learnable_reward(tmp_path, monkeypatch, tiny_model_dir):
-    data = _setup(tmp_path, monkeypatch)
+def test_mean_reward_rises_on_a_learnable_reward(tmp_path, toy_data, tiny_model_dir):
+    data = toy_data
     config = load_config(
         None,
         [
             f"model.path={tiny_model_dir}",
             f"data.source={data}",
-            "rewards=[{name: 'toy_rewards:letter_a'}]",
+            "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
             "train.steps=12",
             "train.prompts_per_step=4",
             "train.micro_batch_size=16",
@@ -65,25 +46,25 @@ def test_mean_reward_rises_on_a_learnable_reward(tmp_path, monkeypatch, tiny_mod
     documented = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
     for key in {k for r in rows for k in r} - {"step"}:
         generic = key
-        if key.startswith("reward/toy_rewards"):
+        if key.startswith("reward/tests.toy_rewards"):
             generic = "reward/<name>/" + key.split("/")[-1]
         elif key.startswith("perf/reward/"):
             generic = "perf/reward/<name>_s"
         assert f"`{generic}`" in documented, f"{key} is logged but not documented in docs/metrics.md"
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["train"]["steps"] == 12 and resolved["rewards"][0]["name"] == "toy_rewards:letter_a"
+    assert resolved["train"]["steps"] == 12 and resolved["rewards"][0]["name"] == "tests.toy_rewards:letter_a"
     AutoModelForCausalLM.from_pretrained(run_dir / "model")  # loads directly with transformers
 
 
-def test_kl_and_multiple_updates_per_batch_run_and_log_their_metrics(tmp_path, monkeypatch, tiny_model_dir):
-    data = _setup(tmp_path, monkeypatch)
+def test_kl_and_multiple_updates_per_batch_run_and_log_their_metrics(tmp_path, toy_data, tiny_model_dir):
+    data = toy_data
     config = load_config(
         None,
         [
             f"model.path={tiny_model_dir}",
             f"data.source={data}",
-            "rewards=[{name: 'toy_rewards:letter_a'}]",
+            "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
             "train.steps=2",
             "train.prompts_per_step=4",
             "train.micro_batch_size=5",
@@ -113,20 +94,13 @@ def test_kl_and_multiple_updates_per_batch_run_and_log_their_metrics(tmp_path, m
     assert not (run_dir / "model").exists()
 
 
-BINARY_REWARD = (
-    'def has_a(prompts, completions, **columns):\n    return [float("a" in c) for c in completions]\n'
-)
-
-
-def _dapo_run(tmp_path, monkeypatch, tiny_model_dir, name, extra):
-    data = _setup(tmp_path, monkeypatch)
-    (tmp_path / "binary_rewards.py").write_text(BINARY_REWARD)
+def _dapo_run(tmp_path, data, tiny_model_dir, name, extra):
     config = load_config(
         None,
         [
             f"model.path={tiny_model_dir}",
             f"data.source={data}",
-            "rewards=[{name: 'binary_rewards:has_a'}]",
+            "rewards=[{name: 'tests.toy_rewards:has_a'}]",
             "train.steps=2",
             "train.prompts_per_step=4",
             "rollout.group_size=4",
@@ -144,10 +118,10 @@ def _dapo_run(tmp_path, monkeypatch, tiny_model_dir, name, extra):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_dynamic_sampling_drops_uninformative_groups_and_samples_more(tmp_path, monkeypatch, tiny_model_dir):
+def test_dynamic_sampling_drops_uninformative_groups_and_samples_more(tmp_path, toy_data, tiny_model_dir):
     rows = _dapo_run(
         tmp_path,
-        monkeypatch,
+        toy_data,
         tiny_model_dir,
         "dyn",
         ["algorithm.dynamic_sampling=true", "algorithm.dynamic_max_rounds=4"],
@@ -157,18 +131,18 @@ def test_dynamic_sampling_drops_uninformative_groups_and_samples_more(tmp_path, 
     assert all(r["rollout/trained_groups"] <= 4 for r in rows)
 
 
-def test_overlong_filter_keeps_truncated_completions_out_of_the_loss(tmp_path, monkeypatch, tiny_model_dir):
-    rows = _dapo_run(tmp_path, monkeypatch, tiny_model_dir, "filter", ["algorithm.overlong_filter=true"])
+def test_overlong_filter_keeps_truncated_completions_out_of_the_loss(tmp_path, toy_data, tiny_model_dir):
+    rows = _dapo_run(tmp_path, toy_data, tiny_model_dir, "filter", ["algorithm.overlong_filter=true"])
     for r in rows:  # the random model almost never samples EOS within 4 tokens
         expected_tokens = r["rollout/len_mean"] * 16 * (1 - r["rollout/truncated_frac"])
         assert r["perf/update_tokens"] <= expected_tokens + 1e-6
 
 
 def test_soft_overlong_punishment_lowers_the_reward_of_truncated_completions(
-    tmp_path, monkeypatch, tiny_model_dir
+    tmp_path, toy_data, tiny_model_dir
 ):
-    plain = _dapo_run(tmp_path, monkeypatch, tiny_model_dir, "plain", [])
-    shaped = _dapo_run(tmp_path, monkeypatch, tiny_model_dir, "shaped", ["algorithm.overlong_buffer=1"])
+    plain = _dapo_run(tmp_path, toy_data, tiny_model_dir, "plain", [])
+    shaped = _dapo_run(tmp_path, toy_data, tiny_model_dir, "shaped", ["algorithm.overlong_buffer=1"])
     # same seeds, same first-step samples; with a 1-token buffer only truncated completions lose (all of) 1
     first_plain, first_shaped = plain[0], shaped[0]
     assert first_shaped["reward/mean"] == pytest.approx(
