@@ -33,8 +33,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Stop strings; a completion ends with (and includes) the first one it produces."""
     seed: int | None = None
-    """Prompt i of a `generate` call is sampled with seed `seed + i`: reproducible, and independent of the
-    other prompts in the call. None = unseeded."""
+    """Prompt i of a `generate` call is sampled from a stream determined by `seed + i` alone: reproducible,
+    and independent of the other prompts in the call. None = unseeded."""
 
 
 @dataclass

