@@ -2,6 +2,7 @@
 
 aha train [RECIPE] [key.sub=value ...]     RECIPE: a shipped recipe name or a YAML path (default: default)
 aha recipes                                the shipped recipes with their one-line descriptions
+aha eval MODEL_OR_RUN --data NAME [--k 8]  pass@1, pass@k and maj@k of a model on a dataset
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rl.evaluate import EvalOptions, print_report, run_eval
+
+    options = EvalOptions(
+        **{k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    )
+    print_report(run_eval(options))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aha", description="GRPO training that makes reasoning emerge.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +114,58 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--best", action="store_true", help="highest reward first")
     order.add_argument("--worst", action="store_true", help="lowest reward first")
     p.set_defaults(func=cmd_samples)
+    p = sub.add_parser(
+        "eval",
+        help="pass@1, pass@k and maj@k of a model on a dataset",
+        description="Sample k completions per problem and report pass@1, pass@k (unbiased estimator) and "
+        "maj@k (majority vote); results go to a JSON file and a table. See docs/datasets.md.",
+    )
+    p.add_argument(
+        "model", metavar="MODEL_OR_RUN", help="model dir, aha-tiny, packaged name, hub id, or run dir"
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="gsm8k, math, math_l3to5, math500, aime24, amc23, mbpp, gym:TASK, builtin:arithmetic, a hub id "
+        "or a .jsonl/.json/.parquet file",
+    )
+    p.add_argument("--split", help="dataset split (default: test; a local file is used whole)")
+    p.add_argument("--k", type=int, help="samples per problem (default: 8)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="completion token limit (default: the run's, else 1024)"
+    )
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: 0.6; 0 = greedy, needs --k 1)"
+    )
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 0.95)")
+    p.add_argument(
+        "--template",
+        choices=["auto", "plain", "r1_zero", "boxed", "chat"],
+        help="prompt template (default auto: the run's, plain for builtin:arithmetic, chat if the tokenizer "
+        "has one, else boxed)",
+    )
+    p.add_argument(
+        "--engine", choices=["transformers", "vllm"], help="rollout engine (default: transformers)"
+    )
+    p.add_argument(
+        "--reward", help="accuracy reward (default auto: countdown, code or math by the data's columns)"
+    )
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default: the run's)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: 0)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument(
+        "--batch-size", type=int, help="sequences decoded at once, transformers engine (default: 64)"
+    )
+    p.add_argument("--prompt-key", help="column holding the question (default: prompt)")
+    p.add_argument("--answer-key", help="column holding the gold answer (default: answer)")
+    p.add_argument("--answer-format", choices=["raw", "gsm8k", "boxed"], help="how to read it (default: raw)")
+    p.add_argument(
+        "--out", help="JSON path (default: RUN/eval/DATA-SPLIT.json, else ./eval-MODEL-DATA-SPLIT.json)"
+    )
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -61,7 +61,7 @@ class DataConfig:
     """Column holding the gold answer; it reaches the reward functions as the `answer` column."""
     answer_format: Literal["raw", "gsm8k", "boxed"] = "raw"
     """How to read the gold answer: as is, the number after `####` (GSM8K), or the last \\boxed{} (MATH)."""
-    template: Literal["plain", "r1_zero", "boxed", "chat"] = "plain"
+    template: Literal["plain", "r1_zero", "boxed", "chat", "chat_boxed"] = "plain"
     """How a question becomes a prompt: as is, the R1-Zero template, a \\boxed{} math instruction, or the
     tokenizer's chat template."""
     max_prompt_tokens: int = 512

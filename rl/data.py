@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from rl.datasets import LOCAL_FORMATS, PRESETS, load_gym, load_preset, load_table, read_answers
 from rl.errors import DataError
 from rl.templates import apply_template
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+__all__ = ["LOCAL_FORMATS", "PromptSampler", "PromptSet", "check_column", "load_rows"]
 
 
 def load_rows(
@@ -24,11 +24,19 @@ def load_rows(
     seed: int = 0,
     answer_key: str = "answer",
     answer_format: str = "raw",
+    *,
+    prompt_key: str | None = None,
 ) -> list[dict]:
-    """Rows of a dataset as plain dicts.
+    """Rows of a dataset as plain dicts (see rl/datasets.py and docs/datasets.md).
 
     source: `builtin:arithmetic` (the tiny model's synthetic task; split train|test never overlap),
-            a local .jsonl/.json/.parquet file, or a Hugging Face hub dataset id.
+            a preset (`gsm8k`, `math`, `math_l3to5`, `math500`, `aime24`, `amc23`, `mbpp`), a reasoning-gym
+            task (`gym:countdown`, `gym:gsm_symbolic?difficulty=2`, ...), a hub dataset id (`owner/name`,
+            `owner/name:config`) or a local .jsonl/.json/.parquet file.
+    Presets and gym tasks come normalised to `prompt` + `answer` (+ task fields). For hub ids and files,
+    column `answer_key` read with `answer_format` (raw | gsm8k | boxed) becomes `answer`; `prompt_key` names
+    the text a single-split hub dataset is hash-split by (default: the first of prompt, question, problem...).
+    `limit` keeps the first N rows of the split; `seed` seeds generated tasks.
     """
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
@@ -40,26 +48,20 @@ def load_rows(
             raise DataError(f"builtin:arithmetic has splits train and test, not {split!r}")
         return make_problems(split, limit or 20_000, seed=seed)
 
-    import datasets
-
-    path = Path(source)
-    if path.suffix in LOCAL_FORMATS:
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
-        try:
-            dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        except Exception as err:  # datasets raises many types for unreadable files
-            raise DataError(f"could not read {path}: {err}") from None
+    if source.startswith("gym:") or source in PRESETS:
+        if (answer_key, answer_format) != ("answer", "raw"):
+            raise DataError(
+                f"{source} already reads its gold answer into the answer column: leave data.answer_key and "
+                "data.answer_format at their defaults (answer, raw)"
+            )
+        if source.startswith("gym:"):
+            rows = load_gym(source, split, limit, seed)
+        else:
+            rows = load_preset(source, split, limit)
     else:
-        try:
-            dataset = datasets.load_dataset(source, split=split)
-        except Exception as err:
-            raise DataError(f"could not load dataset {source!r} (split {split!r}): {err}") from None
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    rows = dataset.to_list()
+        rows = read_answers(load_table(source, split, limit, prompt_key), answer_key, answer_format, source)
     if not rows:
-        raise DataError(f"dataset {source!r} has no rows")
+        raise DataError(f"dataset {source!r} has no rows (split {split!r})")
     return rows
 
 
@@ -139,7 +141,15 @@ class PromptSet:
         `exclude` are dropped (held-out sets); `size` keeps the first that many of the rest.
         """
         data = config.data
-        raw = load_rows(source, split, limit, config.train.seed, data.answer_key, data.answer_format)
+        raw = load_rows(
+            source,
+            split,
+            limit,
+            config.train.seed,
+            data.answer_key,
+            data.answer_format,
+            prompt_key=data.prompt_key,
+        )
         check_column(raw, data.prompt_key, source)
         fields = sorted({k for row in raw for k in row})
         rows, texts, ids, skipped = [], [], [], 0
@@ -166,7 +176,12 @@ class PromptSet:
             if size is not None and len(rows) == size:
                 break
         if not rows:
-            raise DataError(f"no usable rows in {source!r} ({split}): {skipped} bad, the rest excluded")
+            excluded = len(raw) - skipped
+            raise DataError(
+                f"no usable rows in {source!r} ({split}): {skipped} bad, {excluded} also in the training data. "
+                "A held-out set needs problems the run does not train on: set eval.source to other data "
+                "(or eval.size=0 for no evaluation)"
+            )
         return cls(rows, texts, ids, sorted(k for k in fields if k != data.prompt_key), skipped)
 
     def score(self, scorer: Any, rows: list[int], completions: list[Any], group_size: int) -> Any:

@@ -4,6 +4,7 @@ plain    the question as is (the tiny arithmetic model was pretrained on raw pro
 r1_zero  the DeepSeek-R1-Zero template: the model thinks in <think> tags and answers in <answer> tags
 boxed    a math instruction asking for the final answer in \\boxed{} (Qwen2.5-Math style)
 chat     the tokenizer's own chat template, with the question as the user turn
+chat_boxed  the chat template with the \\boxed{} instruction appended to the user turn (instruct models)
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ def apply_template(name: str, question: str, tokenizer: Any = None) -> str:
         return R1_ZERO.format(question=question)
     if name == "boxed":
         return BOXED.format(question=question)
-    if name == "chat":
+    if name in ("chat", "chat_boxed"):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat template; use r1_zero or boxed")
+            raise ValueError(
+                f"template {name!r} needs a tokenizer with a chat template; use r1_zero or boxed"
+            )
+        content = BOXED.format(question=question).strip() if name == "chat_boxed" else question
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     raise ValueError(f"unknown template {name!r}")

