@@ -716,11 +716,27 @@ def add_lora(policy: torch.nn.Module, lora: Any, adapter_dir: Path | None) -> to
     return get_peft_model(policy, config)
 
 
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    """AutoTokenizer, except for a directory whose tokenizer_config.json names the generic fast tokenizer: that
+    one is loaded as is. transformers 5 otherwise swaps in the tokenizer of the config's model type (Qwen2's
+    byte-level pre-tokenizer for a qwen2 model), which silently drops the shipped tiny model's tag tokens and
+    spaces when encoding."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_policy(path: Path | str, dtype: str, device: torch.device) -> tuple[Any, torch.nn.Module]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except OSError as err:
         raise AhaError(f"could not load model {str(path)!r}: {err}") from None

@@ -1,0 +1,293 @@
+"""Pretrain aha's tiny base model on synthetic arithmetic, and measure how it behaves.
+
+    python -m rl.tiny.pretrain --threads 1 --stop-at 1500   # rebuilds rl/tiny/model (see docs/tiny-model.md)
+    python -m rl.tiny.pretrain --eval rl/tiny/model   # only measures a model on held-out problems
+
+The text is generated on the fly from the train split of `rl.tiny.arithmetic`: each problem's prompt is
+followed by the direct answer with probability `p_direct`, otherwise by the step-by-step derivation, then EOS.
+The loss is next-token cross-entropy on the completion only (the prompt's random terms carry nothing to learn).
+The result mostly guesses (short, usually wrong) and sometimes reasons (long, nearly always right): the start
+from which RL with a correctness reward can make reasoning win, R1-Zero in miniature (docs/tiny-model.md).
+
+Deterministic given the seed and the thread count (float sums are ordered differently with other counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rl.tiny.arithmetic import format_direct, format_reasoning, make_problems, random_problem
+
+DEFAULT_OUT = Path(__file__).parent / "model"
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+CHARACTERS = list("0123456789+-*= ")
+MAX_POSITIONS = 256
+"""Longest sequence (prompt + completion) the model is configured for; pretraining uses at most ~80."""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer; the four tags are single tokens. Decoding gives back the exact text.
+
+    Example: "12+3=<answer>15</answer>" -> ["1", "2", "+", "3", "=", "<answer>", "1", "5", "</answer>"]
+    """
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + TAG_TOKENS + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"</?(?:think|answer)>|[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join tokens as they are: no spaces between characters
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",  # prompts are left-padded for generation
+        clean_up_tokenization_spaces=False,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """save_pretrained, naming the class that transformers 4.x also knows (5.x writes "TokenizersBackend")."""
+    tokenizer.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+@dataclass
+class PretrainArgs:
+    """Pretraining settings; each field is also a command-line flag (--batch-size for batch_size)."""
+
+    out: str = field(
+        default=str(DEFAULT_OUT),
+        metadata={"help": "Directory the model, tokenizer and generation config are written to."},
+    )
+    steps: int = field(default=1800, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=128, metadata={"help": "Problems (prompt + completion) per step."})
+    lr: float = field(
+        default=3e-3,
+        metadata={"help": "Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth of it)."},
+    )
+    warmup: int = field(default=100, metadata={"help": "Warm-up steps."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    p_direct: float = field(
+        default=0.75,
+        metadata={
+            "help": "Probability that a problem in the text is followed by the direct answer (else the derivation)."
+        },
+    )
+    hidden: int = field(default=128, metadata={"help": "Hidden size (the MLP is 4x wider)."})
+    layers: int = field(default=4, metadata={"help": "Transformer layers."})
+    heads: int = field(default=4, metadata={"help": "Attention heads."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initial weights and of the generated text."})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads."})
+    stop_at: int = field(
+        default=0,
+        metadata={
+            "help": "Stop (and save) after this many steps of the `steps`-long schedule; 0 = all of them."
+        },
+    )
+
+
+def build_model(args: PretrainArgs, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    """A small Qwen2 (Qwen2.5's architecture, so every engine that runs Qwen runs it), randomly initialized."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def make_batch(
+    rng: random.Random, tokenizer: PreTrainedTokenizerFast, batch_size: int, p_direct: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One step's text, as a right-padded chunk per completion style, so short ones are not padded long.
+
+    Each chunk is (token ids [b, T], loss mask [b, T] that is 1 on completion tokens, EOS included).
+    """
+    by_style: dict[bool, list[tuple[list[int], int]]] = {True: [], False: []}
+    for _ in range(batch_size):
+        problem = random_problem(rng, "train")
+        direct = rng.random() < p_direct
+        prompt_ids = tokenizer.encode(problem.prompt)
+        completion_ids = tokenizer.encode(format_direct(problem) if direct else format_reasoning(problem))
+        by_style[direct].append((prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)))
+    chunks = []
+    for rows in by_style.values():
+        if not rows:
+            continue
+        width = max(len(row) for row, _ in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
+        mask = torch.zeros((len(rows), width))  # [b, T]
+        for i, (row, n_prompt) in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, n_prompt : len(row)] = 1.0
+        chunks.append((ids, mask))
+    return chunks
+
+
+def pretrain(args: PretrainArgs) -> Path:
+    """Train the tiny model from scratch; save weights (safetensors), tokenizer and generation config."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = build_tokenizer()
+    model = build_model(args, tokenizer)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {args}", flush=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    start = time.perf_counter()
+    model.train()
+    for step in range(args.stop_at or args.steps):
+        chunks = make_batch(rng, tokenizer, args.batch_size, args.p_direct)
+        n_tokens = sum(mask[:, 1:].sum() for _, mask in chunks)
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for ids, mask in chunks:  # [b, T], [b, T]
+            logits = model(input_ids=ids).logits[:, :-1]  # [b, T-1, V]; right padding needs no attention mask
+            token_loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, T-1]
+            chunk_loss = (token_loss * mask[:, 1:]).sum() / n_tokens  # a token mean over the whole step
+            chunk_loss.backward()
+            loss += chunk_loss.item()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == (args.stop_at or args.steps) - 1:
+            elapsed = time.perf_counter() - start
+            print(f"step {step:5d}  loss {loss:.4f}  lr {lr_at(step):.2e}  {elapsed:5.0f}s", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"pretraining took {elapsed:.0f}s ({elapsed / 60:.1f} min) on {args.threads} threads", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    save_tokenizer(tokenizer, out)
+    record = asdict(args) | {"out": None, "seconds": round(elapsed), "torch": torch.__version__}
+    (out / "pretrain_args.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved to {out}")
+    return out
+
+
+@torch.no_grad()
+def evaluate_styles(
+    model_dir: str | Path,
+    n: int = 200,
+    seed: int = 0,
+    samples: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+) -> dict[str, float]:
+    """Sample `samples` completions for each of n held-out (test-split) problems and describe them.
+
+    temperature 0 means greedy. Returns the fraction of completions that reason (contain <think>), the
+    accuracy of direct completions and of reasoning ones, overall accuracy, the mean completion length in
+    tokens (EOS counted) of each style and overall, and the fraction cut off by max_new_tokens.
+
+    Example: evaluate_styles("rl/tiny/model") -> {"reasoning_fraction": 0.25, "direct_accuracy": 0.15, ...}
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = make_problems("test", n, seed=seed)
+    prompts = [row["prompt"] for row in rows for _ in range(samples)]
+    answers = [row["answer"] for row in rows for _ in range(samples)]
+    torch.manual_seed(seed)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, **(sampling if temperature > 0 else {"do_sample": False})
+    )
+    completions = out[:, batch["input_ids"].shape[1] :].tolist()  # [N, new]
+    correct: dict[str, list[float]] = {"reasoning": [], "direct": []}
+    lengths: dict[str, list[float]] = {"reasoning": [], "direct": []}
+    truncated = 0
+    for ids, answer in zip(completions, answers, strict=True):
+        finished = tokenizer.eos_token_id in ids
+        truncated += not finished
+        length = ids.index(tokenizer.eos_token_id) + 1 if finished else len(ids)
+        text = tokenizer.decode(ids[:length], skip_special_tokens=True)
+        found = text.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0] if "</answer>" in text else None
+        style = "reasoning" if "<think>" in text else "direct"
+        correct[style].append(float(found == answer))
+        lengths[style].append(float(length))
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return {
+        "reasoning_fraction": len(correct["reasoning"]) / len(answers),
+        "direct_accuracy": mean(correct["direct"]),
+        "reasoning_accuracy": mean(correct["reasoning"]),
+        "accuracy": mean(correct["direct"] + correct["reasoning"]),
+        "direct_length": mean(lengths["direct"]),
+        "reasoning_length": mean(lengths["reasoning"]),
+        "length": mean(lengths["direct"] + lengths["reasoning"]),
+        "truncated_fraction": truncated / len(answers),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(PretrainArgs):
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=help_text
+        )
+    parser.add_argument("--eval", metavar="MODEL_DIR", help="skip pretraining; only evaluate MODEL_DIR")
+    parser.add_argument("--eval-n", type=int, default=200, help="held-out problems to evaluate (default 200)")
+    parser.add_argument("--eval-samples", type=int, default=4, help="samples per problem at T=1 (default 4)")
+    ns = vars(parser.parse_args())
+    eval_dir, eval_n, eval_samples = ns.pop("eval"), ns.pop("eval_n"), ns.pop("eval_samples")
+    if eval_dir is None:
+        eval_dir = pretrain(PretrainArgs(**ns))
+    torch.set_num_threads(ns["threads"])
+    for temperature, samples in ((1.0, eval_samples), (0.0, 1)):
+        result = evaluate_styles(eval_dir, n=eval_n, samples=samples, temperature=temperature)
+        label = f"held-out, {eval_n} problems x {samples}, " + ("T=1" if temperature else "greedy")
+        print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
