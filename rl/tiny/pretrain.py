@@ -1,6 +1,6 @@
 """Pretrain aha's tiny base model on synthetic arithmetic, and measure how it behaves.
 
-    python -m rl.tiny.pretrain --threads 1 --stop-at 1500   # rebuilds rl/tiny/model (see docs/tiny-model.md)
+    python -m rl.tiny.pretrain --threads 1 --p-direct 0.7 --stop-at 1500   # the shipped rl/tiny/model
     python -m rl.tiny.pretrain --eval rl/tiny/model   # only measures a model on held-out problems
 
 The text is generated on the fly from the train split of `rl.tiny.arithmetic`: each problem's prompt is
