@@ -50,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = "default"
     if items and "=" not in items[0]:
         recipe = items.pop(0)
+    # `resume=auto` / `resume=PATH` is short for run.resume=...
+    items = ["run." + item if item.startswith("resume=") else item for item in items]
     config = load_config(resolve_recipe(recipe), items)
     run_dir = train(config)
     if int(os.environ.get("RANK", "0")) == 0:  # one line, also when launched on several ranks

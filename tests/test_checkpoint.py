@@ -83,7 +83,9 @@ def test_resume_after_sigkill_reproduces_metrics_and_weights_bit_for_bit(workdir
     _wait_for(workdir / "runs" / "killed" / "checkpoints" / "step-000003" / "state.json", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    resumed = _aha(workdir, _overrides(workdir, tiny_model_dir, "killed") + ["run.resume=auto"])
+    resumed = _aha(
+        workdir, _overrides(workdir, tiny_model_dir, "killed") + ["resume=auto"]
+    )  # the CLI shortcut
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming from" in out
