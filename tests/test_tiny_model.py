@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rl.models import load_tokenizer
 from rl.tiny.arithmetic import Problem, format_direct, format_reasoning, make_problems, parse, solve
 from rl.tiny.pretrain import DEFAULT_OUT, PretrainArgs, build_tokenizer, pretrain
-from rl.train import load_tokenizer
 
 MODEL_DIR = DEFAULT_OUT
 
@@ -19,7 +19,7 @@ MODEL_DIR = DEFAULT_OUT
 def tokenizer():
     return load_tokenizer(
         MODEL_DIR
-    )  # AutoTokenizer would swap in the Qwen2 pre-tokenizer (rl.train.load_tokenizer)
+    )  # AutoTokenizer would swap in the Qwen2 pre-tokenizer (rl.models.load_tokenizer)
 
 
 def test_model_loads_offline_and_answers(tokenizer, monkeypatch):
