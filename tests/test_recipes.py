@@ -8,6 +8,7 @@ import pytest
 
 from rl.cli import shipped_recipes
 from rl.config import load_config
+from rl.errors import DataError
 from rl.train import train
 
 RECIPES = shipped_recipes()
@@ -110,3 +111,53 @@ def test_recipe_runs_one_step_on_a_tiny_stand_in_model(name, tmp_path, tiny_mode
     run_dir = train(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and "reward/mean" in rows[-1]
+
+
+def test_default_recipe_shortened_on_the_shipped_model_logs_eval_and_length(tmp_path):
+    config = load_config(
+        RECIPES["default"],
+        [
+            "train.steps=2",
+            "eval.size=8",
+            f"run.dir={tmp_path}",
+            "track.console=quiet",
+            "track.tensorboard=false",
+        ],
+    )
+    run_dir = train(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]  # held-out, before and after
+    assert all("rollout/len_mean" in r for r in rows[1:])
+    assert (run_dir / "dashboard.png").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_held_out_rows_that_are_also_training_rows_are_dropped(tmp_path, tiny_model_dir):
+    train_rows = ROWS["math"]
+    data, held_out = tmp_path / "data.jsonl", tmp_path / "held_out.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in train_rows))
+    extra = {"prompt": "What is 7+1?", "answer": "8"}
+    held_out.write_text("\n".join(json.dumps(r) for r in [*train_rows, extra]))
+    base = [
+        f"model.path={tiny_model_dir}",
+        f"data.source={data}",
+        "train.steps=1",
+        "train.prompts_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=4",
+        f"run.dir={tmp_path}",
+        "track.console=quiet",
+        "track.tensorboard=false",
+        "track.dashboard=false",
+        "eval.split=train",
+    ]
+    from rl.data import PromptSet
+    from rl.models import load_tokenizer
+
+    config = load_config(None, [*base, f"eval.source={held_out}"])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    train_set = PromptSet.load(config, str(data), "train", None, tokenizer)
+    eval_set = PromptSet.load(config, str(held_out), "train", None, tokenizer, exclude=set(train_set.texts))
+    assert [r["prompt"] for r in eval_set.rows] == [extra["prompt"]]
+    with pytest.raises(DataError, match="also in the training data"):
+        train(load_config(None, [*base, f"eval.source={data}"]))
