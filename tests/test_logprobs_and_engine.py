@@ -124,3 +124,97 @@ def test_unknown_engine_is_a_clear_error():
 
     with pytest.raises(EngineError, match="unknown rollout engine 'vlm'"):
         build_engine("vlm")
+
+
+# ------------------------------------------------------------------ the Llama-family decoder and the sampler
+
+
+def _llama(tokenizer, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+    )
+    config = LlamaConfig(**{**settings, **overrides})
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias_linear_rope", "llama_mha"])
+def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
+    from rollouts.llama_decoder import LlamaDecoder, unsupported_reason
+    from tests.conftest import build_model
+
+    model = {
+        "qwen2": lambda: build_model(len(tokenizer), initializer_range=0.1).eval(),
+        "llama": lambda: _llama(tokenizer),
+        "llama_bias_linear_rope": lambda: _llama(
+            tokenizer,
+            attention_bias=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        "llama_mha": lambda: _llama(tokenizer, num_key_value_heads=4),
+    }[arch]()
+    assert unsupported_reason(model) is None
+    prompts, copies, appended = [[5, 6, 7, 8, 9], [10, 11]], 2, [[20, 21, 22], [23, 24, 25]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        decoder = LlamaDecoder(model, len(prompts) * copies, width + 3)
+        got = [decoder.prefill(ids, attention, copies)]
+        for column in range(3):
+            got.append(decoder.step(torch.tensor([appended[i // copies][column] for i in range(4)])))
+        for row in range(len(prompts) * copies):
+            p, extra = prompts[row // copies], appended[row // copies]
+            reference = model(torch.tensor([p + extra])).logits[0]  # one unpadded sequence, full forward
+            for j, logits in enumerate(got):
+                torch.testing.assert_close(logits[row], reference[len(p) - 1 + j], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_and_generic_decoding_sample_the_same_tokens(tiny_model, tokenizer):
+    prompts = [tokenizer("What is 12 + 35?")["input_ids"], tokenizer("aaa")["input_ids"]]
+    params = SamplingParams(n=3, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7)
+    fast = TransformersEngine(tiny_model, tokenizer).generate(prompts, params)
+    generic = TransformersEngine(tiny_model, tokenizer, fast_decoding=False).generate(prompts, params)
+    for a, b in zip((c for g in fast for c in g), (c for g in generic for c in g), strict=True):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_models_outside_the_llama_family_decode_through_transformers(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rollouts.llama_decoder import unsupported_reason
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
+    assert "model type 'gpt2'" in unsupported_reason(gpt2)
+    sliding = _llama(tokenizer)
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    assert unsupported_reason(sliding) == "sliding-window attention"
+    groups = TransformersEngine(gpt2, tokenizer).generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
+    assert [len(c.token_ids) for c in groups[0]] == [4, 4] or any(
+        c.finish_reason == "stop" for c in groups[0]
+    )
+
+
+def test_sampler_draws_tokens_at_their_probabilities_and_never_outside_top_p():
+    from rollouts.hf_engine import _sample_next
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(20_000, 5)
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    ids, logp = _sample_next(logits, 1.0, 1.0, generators, 5_000)
+    frequencies = torch.bincount(ids, minlength=5).float() / len(ids)
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 4 sigma at 20k draws is under 0.015
+    assert frequencies[4] == 0  # probability 0: never drawn
+    torch.testing.assert_close(logp, probs.log()[ids])
+    ids, _ = _sample_next(logits, 1.0, 0.7, generators, 5_000)  # nucleus: 0.5 + 0.25 reaches 0.7
+    assert set(ids.tolist()) == {0, 1}
