@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,14 @@ def save_checkpoint(
     keep_last: int,
     keep_best: str | None = None,
     best_mode: str = "max",
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete old ones beyond the last `keep_last` (and the best).
 
     `state` is JSON-safe trainer state (sampler position, counters, the metric value for keep_best).
+    `model_state` / `optimizer_state`: whole state dicts gathered from a sharded policy and optimizer (None: the
+    policy's and optimizer's own), so the files are the same as a single process writes.
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -110,9 +115,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        policy.save_pretrained(tmp / "model", safe_serialization=True)
+        policy.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
+        )
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         plain, tensors = rng_state()
         save_file(tensors, tmp / "rng.safetensors")
@@ -161,13 +168,18 @@ def find_resume_point(run_dir: Path, resume: str) -> Path:
 
 
 def load_training_state(
-    path: Path, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer_layout: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Restore optimizer, scheduler and RNG states in place; returns state.json (step, sampler, counters).
 
     The policy weights are loaded separately, from `path / "model"`, when the policy is built.
+    `optimizer_layout` maps the saved (whole) optimizer state to this optimizer's layout, e.g. its shard.
     """
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(optimizer_layout(saved) if optimizer_layout else saved)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     state = json.loads((path / "state.json").read_text())
     set_rng_state(state["rng"], load_file(path / "rng.safetensors"))

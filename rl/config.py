@@ -182,6 +182,11 @@ class TrainConfig:
     """Where the policy runs: auto picks CUDA when available."""
     threads: int | None = None
     """CPU threads for torch (null = torch's default)."""
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    """With several ranks: `ddp` keeps a full copy of the policy, its gradients and AdamW state on every rank
+    and averages gradients (DistributedDataParallel); `fsdp` shards all three over the ranks (FSDP2,
+    `fully_shard` per decoder layer), as it does the reference model when algorithm.kl_coef > 0. Same
+    update either way; see docs/distributed.md. Ignored in a single process."""
     max_skipped_steps: int = 3
     """Stop the run after this many consecutive steps whose updates were skipped for a NaN/inf loss."""
     deterministic: bool = False
@@ -473,6 +478,11 @@ def validate(config: Config) -> None:
         raise ConfigError("eval.size and eval.every must be >= 0 and eval.samples >= 1")
     if config.model.lora.r < 0:
         raise ConfigError("model.lora.r must be >= 0 (0 = full fine-tuning)")
+    if config.model.lora.r and train.sharding == "fsdp":
+        raise ConfigError(
+            "model.lora.r > 0 with train.sharding=fsdp is not supported: with LoRA only the adapters train, so "
+            "gradients and optimizer state are already small; use train.sharding=ddp"
+        )
     if config.run.checkpoint_every < 0 or config.run.keep_last < 0:
         raise ConfigError("run.checkpoint_every and run.keep_last must be >= 0")
     if config.track.samples_every < 1 or config.track.log_every < 1:

@@ -45,7 +45,7 @@ from rl.logprobs import CompletionLogprobs, PackedBatch, completion_logprobs, pa
 from rl.models import add_lora, load_policy, pick_device, resolve_model_path, seed_everything
 from rl.report import plot_runs, write_samples_html
 from rl.tracking import Alarms, Console, Loggers, sample_records
-from rollouts import SamplingParams, build_engine
+from rollouts import SHARES_POLICY, SamplingParams, build_engine
 
 
 @dataclass
@@ -69,7 +69,8 @@ class Run:
     device: torch.device
     tokenizer: Any
     policy: torch.nn.Module
-    reference: torch.nn.Module | None
+    trainer: torch.nn.Module  # CompletionLogprobs(policy), DDP-wrapped or FSDP-sharded with several ranks
+    reference: torch.nn.Module | None  # CompletionLogprobs(reference model), sharded like the policy
     train_set: PromptSet
     eval_set: PromptSet | None
     scorer: RewardScorer
@@ -83,6 +84,13 @@ class Run:
     dist: Distributed
     start_step: int = 1
     skipped_in_a_row: int = 0
+
+    def generation_weights(self) -> contextlib.AbstractContextManager:
+        """Around sampling: a sharded policy gathered whole when the engine samples from the policy module
+        itself; engines with their own copy (vLLM) need nothing. Every rank must enter it."""
+        if self.config.rollout.engine in SHARES_POLICY:
+            return self.dist.full_weights(self.trainer)
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         self.console.close()
@@ -102,14 +110,16 @@ def train(config: Config) -> Path:
         top_p=config.rollout.top_p,
         stop=tuple(config.rollout.stop),
     )
-    trainer = run.dist.wrap(CompletionLogprobs(policy))  # DDP over ranks when launched with several
+    trainer = run.trainer
     evaluations: dict[str, list[dict]] = {}
     stop = GracefulStop(run.console)
     try:
-        if run.eval_set is not None and run.start_step == 1 and run.dist.is_main:
-            row, evaluations["before"] = evaluate(engine, run.scorer, run.eval_set, config)
-            run.loggers.log({"step": 0, **row})
-            run.console.message(f"held-out before training: {eval_summary(row)}", style="cyan")
+        if run.eval_set is not None and run.start_step == 1:
+            with run.generation_weights():  # every rank joins the all-gather, rank 0 evaluates
+                if run.dist.is_main:
+                    row, evaluations["before"] = evaluate(engine, run.scorer, run.eval_set, config)
+                    run.loggers.log({"step": 0, **row})
+                    run.console.message(f"held-out before training: {eval_summary(row)}", style="cyan")
 
         for step in range(run.start_step, config.train.steps + 1):
             step_start = time.perf_counter()
@@ -167,9 +177,11 @@ def train(config: Config) -> Path:
             row = run.dist.reduce_metrics(row)
             last = step == config.train.steps
             due = last or (config.eval.every and step % config.eval.every == 0)
-            if run.eval_set is not None and due and run.dist.is_main:
-                eval_row, evaluations["after"] = evaluate(engine, run.scorer, run.eval_set, config)
-                row.update(eval_row)
+            if run.eval_set is not None and due:
+                with run.generation_weights():
+                    if run.dist.is_main:
+                        eval_row, evaluations["after"] = evaluate(engine, run.scorer, run.eval_set, config)
+                        row.update(eval_row)
             for message in run.alarms.check(row):
                 run.console.message(f"alarm: {message}", style="bold red")
             if (step % track.samples_every == 0 or last) and run.dist.is_main:
@@ -181,8 +193,7 @@ def train(config: Config) -> Path:
             every = config.run.checkpoint_every
             stopping = run.dist.max(float(stop.requested)) > 0  # every rank stops at the same step
             if last or stopping or (every and step % every == 0):
-                if run.dist.is_main:
-                    save_run_checkpoint(run, step, row)
+                save_run_checkpoint(run, step, row)  # every rank: sharded state is gathered for rank 0
                 run.dist.barrier()
             if run.skipped_in_a_row >= config.train.max_skipped_steps:
                 raise AhaError(
@@ -200,8 +211,9 @@ def train(config: Config) -> Path:
         stop.restore()
         run.close()
 
+    weights = run.dist.full_state_dict(run.policy) if config.run.save_model else None  # every rank joins
     if run.dist.is_main:
-        finish_run(run, evaluations)
+        finish_run(run, evaluations, weights)
     return run.run_dir
 
 
@@ -213,7 +225,7 @@ def start_run(config: Config) -> Run:
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = pick_device(config.train.device)
-    dist = Distributed(device)
+    dist = Distributed(device, config.train.sharding)
     if dist.enabled:
         device = dist.device
         if config.train.prompts_per_step % dist.world:
@@ -241,6 +253,7 @@ def start_run(config: Config) -> Run:
     reference = None
     if config.algorithm.kl_coef and not lora:
         reference = load_policy(model_path, config.model.dtype, device)[1].eval().requires_grad_(False)
+        reference = dist.wrap(CompletionLogprobs(reference), trains=False)
 
     train_set = PromptSet.load(config, config.data.source, config.data.split, config.data.limit, tokenizer)
     eval_set = None
@@ -262,6 +275,9 @@ def start_run(config: Config) -> Run:
     )
     if lora and resume_from:
         engine.update_weights(policy)  # the engine started from the base weights; give it the adapters
+    # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
+    # optimizer is built on what this returns.
+    trainer = dist.wrap(CompletionLogprobs(policy))
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
         lr=config.optim.lr,
@@ -272,7 +288,11 @@ def start_run(config: Config) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, config.optim.warmup_steps, total_updates, config.optim.schedule)
     )
-    state = load_training_state(resume_from, optimizer, scheduler) if resume_from else None
+    state = None
+    if resume_from:
+        state = load_training_state(
+            resume_from, optimizer, scheduler, lambda saved: dist.shard_optimizer_state(saved, optimizer)
+        )
     for log in ("metrics.jsonl", "samples.jsonl") if dist.is_main else ():
         if state is not None:
             truncate_log(run_dir / log, state["step"])  # steps logged after the checkpoint are redone
@@ -286,6 +306,7 @@ def start_run(config: Config) -> Run:
         device=device,
         tokenizer=tokenizer,
         policy=policy,
+        trainer=trainer,
         reference=reference,
         train_set=train_set,
         eval_set=eval_set,
@@ -317,6 +338,13 @@ def start_run(config: Config) -> Run:
 
 
 def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
+    """Called on every rank: sharded weights and optimizer state are gathered whole; rank 0 writes them."""
+    weights, optimizer_state = (
+        run.dist.full_state_dict(run.policy),
+        run.dist.full_optimizer_state(run.optimizer),
+    )
+    if not run.dist.is_main:
+        return
     cfg = run.config.run
     state = {
         "sampler": run.sampler.state_dict(),
@@ -326,18 +354,21 @@ def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
     }
     save_checkpoint(
         run.run_dir, step, run.policy, run.tokenizer, run.optimizer, run.scheduler, state,
-        cfg.keep_last, cfg.keep_best, cfg.best_mode,
+        cfg.keep_last, cfg.keep_best, cfg.best_mode, weights, optimizer_state,
     )  # fmt: skip
 
 
-def finish_run(run: Run, evaluations: dict[str, list[dict]]) -> None:
-    """Final model, dashboard, samples page and the before/after view."""
+def finish_run(
+    run: Run, evaluations: dict[str, list[dict]], weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Final model, dashboard, samples page and the before/after view. `weights`: the whole state dict of a
+    sharded policy (None: the policy's own)."""
     if run.config.run.save_model:
         policy = run.policy
         if run.config.model.lora.r:  # the adapter in PEFT format, then the merged model
             policy.save_pretrained(run.run_dir / "adapter", safe_serialization=True)
             policy = policy.merge_and_unload()
-        policy.save_pretrained(run.run_dir / "model", safe_serialization=True)
+        policy.save_pretrained(run.run_dir / "model", safe_serialization=True, state_dict=weights)
         run.tokenizer.save_pretrained(run.run_dir / "model")
     if run.config.track.dashboard:
         plot_runs([run.run_dir], run.run_dir / "dashboard.png")
@@ -446,9 +477,10 @@ def sample_batch(run: Run, params: SamplingParams, step: int) -> StepBatch:
         rows = dist.shard(all_rows)[: wanted - len(kept)]
         base = (config.train.seed * 1_000_003 + step * 1_009 + rounds) * 65_536 + dist.rank * missing
         t = time.perf_counter()
-        groups = run.engine.generate(
-            [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=base)
-        )
+        with run.generation_weights():
+            groups = run.engine.generate(
+                [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=base)
+            )
         rollout_s += time.perf_counter() - t
         completions = [c for group in groups for c in group]
         t = time.perf_counter()
@@ -513,8 +545,8 @@ def update_policy(
 ) -> dict[str, float]:
     """epochs x mini-batches optimizer steps over one generation batch; returns the update's metrics.
 
-    `trainer` is `CompletionLogprobs(policy)`, wrapped in DDP when several ranks train: its forward computes
-    the log-probs, and its backward averages gradients over ranks.
+    `trainer` is `CompletionLogprobs(policy)`, wrapped in DDP or sharded with FSDP2 when several ranks train:
+    its forward computes the log-probs, and its backward averages gradients over ranks.
     """
     algo, temperature, micro = config.algorithm, config.rollout.temperature, config.train.micro_batch_size
     num_groups = max((s.group for s in samples), default=-1) + 1  # < prompts_per_step after dynamic sampling
@@ -528,11 +560,14 @@ def update_policy(
     if not single_update:
         # Several optimizer steps reuse this batch: the ratio needs the log-probs of the policy that sampled
         # it, recorded once before the first step changes the weights.
+        # Through the trainer, and as many forwards on every rank (its forward is collective: DDP's buffer
+        # broadcast, FSDP's all-gathers); the extra ones repeat a sample.
         with torch.no_grad():
-            for start in range(0, len(samples), micro):
-                chunk = samples[start : start + micro]
-                lp, _ = completion_logprobs(policy, _pack(chunk, pad_id), temperature)
-                for j, s in enumerate(chunk):
+            chunks = [samples[i : i + micro] for i in range(0, len(samples), micro)]
+            for k in range(int(dist.max(len(chunks)))):
+                chunk = chunks[k] if k < len(chunks) else samples[:1]
+                lp, _ = trainer(_pack(chunk, pad_id), temperature)
+                for j, s in enumerate(chunk if k < len(chunks) else []):
                     old[id(s)] = lp[j, : len(s.completion_ids)].cpu()
 
     sums = M.UpdateAccumulator()
@@ -561,7 +596,7 @@ def update_policy(
             for k, chunk in enumerate(chunks):
                 weight = float(dist.world) if k < real_chunks else 0.0
                 sync = k == len(chunks) - 1 or not dist.enabled
-                with contextlib.nullcontext() if sync else trainer.no_sync():
+                with contextlib.nullcontext() if sync else dist.no_sync(trainer):
                     batch = _pack(chunk, pad_id)
                     mask = batch.completion_mask.to(device)  # [b, T]
                     logprobs, entropy = trainer(batch, temperature, with_entropy=True)  # [b, T]
@@ -614,9 +649,10 @@ def update_policy(
 def reference_logprobs(
     policy: torch.nn.Module, reference: torch.nn.Module | None, batch: PackedBatch, temperature: float
 ) -> torch.Tensor:
-    """Log-probs under the reference policy: the frozen copy, or for LoRA the policy with adapters off."""
+    """Log-probs under the reference policy: the frozen copy (a `CompletionLogprobs`), or for LoRA the policy
+    with adapters off."""
     if reference is not None:
-        return completion_logprobs(reference, batch, temperature)[0]
+        return reference(batch, temperature)[0]
     with policy.disable_adapter():
         return completion_logprobs(policy, batch, temperature)[0]
 
@@ -635,8 +671,10 @@ def _stack(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def _clip_grad(policy: torch.nn.Module, max_norm: float) -> float:
     params = [p for p in policy.parameters() if p.grad is not None]
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: the global norm
 
 
 def fill_missing(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

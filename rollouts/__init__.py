@@ -16,6 +16,9 @@ ENGINES: dict[str, str] = {
     "transformers": "rollouts.hf_engine:TransformersEngine",
     "vllm": "rollouts.vllm_engine:VLLMEngine",
 }
+# Engines that sample from the trainer's own policy module rather than a copy: with a sharded policy the loop
+# gathers its weights around their `generate`.
+SHARES_POLICY = ("transformers",)
 
 
 def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
@@ -35,4 +38,5 @@ __all__ = [
     "build_engine",
     "merged_weights",
     "ENGINES",
+    "SHARES_POLICY",
 ]

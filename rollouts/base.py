@@ -91,6 +91,8 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
                 if active:
                     deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in active)
     for name, tensor in policy.state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): gathered whole, on every rank
+            tensor = tensor.full_tensor()
         if is_peft:
             if "lora_" in name:
                 continue

@@ -1,75 +1,128 @@
-"""Data parallel on accelerate: one step split over 2 CPU ranks (gloo) equals the same step in one process."""
+"""Data parallel on accelerate (DDP) and sharded (FSDP2): one step split over 2 CPU ranks (gloo) equals the same
+step in one process, and a checkpoint written by sharded ranks resumes in one process."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from tests.conftest import REPO, TOY_PROMPTS
 
-def test_two_ranks_give_the_same_update_as_one_process(tmp_path, toy_data, subprocess_env, tiny_model_dir):
-    data, env = toy_data, subprocess_env
-    args = [
-        "train",
-        f"model.path={tiny_model_dir}",
-        f"data.source={data}",
-        "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
-        "train.steps=1",
-        "train.prompts_per_step=4",
-        "train.micro_batch_size=3",  # uneven micro-batches: rank-local accumulation must still add up
-        "train.threads=1",
-        "rollout.group_size=4",
-        "rollout.max_new_tokens=6",
-        "optim.lr=1e-2",
-        f"run.dir={tmp_path / 'runs'}",
-        "track.console=plain",
-        "track.tensorboard=false",
-        "track.dashboard=false",
-        "eval.size=0",
-    ]
-    one = subprocess.run(
-        [sys.executable, "-m", "rl.cli", *args, "run.name=one"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-    ]
-    two = subprocess.run(
-        [*launcher, "-m", "rl.cli", *args, "run.name=two"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+# Every run here trains the same step; uneven micro-batches (3 of 8 per rank) check that rank-local
+# accumulation still adds up.
+STEP = [
+    "rewards=[{name: 'tests.toy_rewards:letter_a'}]",
+    "train.steps=1",
+    "train.prompts_per_step=4",
+    "train.micro_batch_size=3",
+    "train.threads=1",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=6",
+    "optim.lr=1e-2",
+    "track.console=plain",
+    "track.tensorboard=false",
+    "track.dashboard=false",
+    "eval.size=0",
+]
+SAME = ("reward/mean", "rollout/len_mean", "perf/rollout_tokens", "loss/policy", "optim/grad_norm")
 
-    runs = tmp_path / "runs"
-    (a,) = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
-    (b,) = [
-        json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()
-    ]  # logged once
-    # same samples (seeded by global prompt position), same global loss, same clipped gradient
-    for key in ("reward/mean", "rollout/len_mean", "perf/rollout_tokens", "loss/policy", "optim/grad_norm"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    wa, wb = (
-        load_file(runs / "one" / "model" / "model.safetensors"),
-        load_file(runs / "two" / "model" / "model.safetensors"),
-    )
+
+class Runs:
+    """Launches `aha train` on 1 process or on 2 CPU ranks (torch.distributed.run, gloo); each named run once."""
+
+    def __init__(self, root: Path, model_dir: Path) -> None:
+        self.root, self.model_dir, self.done, self.port = root / "runs", model_dir, {}, 29533
+        data = root / "prompts.jsonl"
+        data.write_text("\n".join(json.dumps({"prompt": p, "answer": "a"}) for p in TOY_PROMPTS))
+        self.base = [f"model.path={model_dir}", f"data.source={data}", f"run.dir={self.root}", *STEP]
+        self.env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def __call__(self, name: str, *overrides: str, ranks: int = 1) -> Path:
+        if name not in self.done:
+            launcher = [sys.executable]
+            if ranks > 1:
+                self.port += 1
+                launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+                launcher += ["--master_port", str(self.port)]
+            args = [*launcher, "-m", "rl.cli", "train", *self.base, *overrides, f"run.name={name}"]
+            done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            self.done[name] = self.root / name
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> Runs:
+    return Runs(tmp_path_factory.mktemp("distributed"), tiny_model_dir)
+
+
+def logged(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path, tol: float = 1e-4) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
     for name in wa:
-        assert (wa[name] - wb[name]).abs().max() < 1e-4, name
-    assert any(
-        (wa[n] - load_file(tiny_model_dir / "model.safetensors")[n]).abs().max() > 1e-4 for n in wa
-    )  # it moved
+        assert (wa[name] - wb[name]).abs().max() < tol, name
+
+
+def assert_same_step(one: Path, two: Path, base_model: Path) -> None:
+    (a,), (b,) = logged(one), logged(two)  # logged once
+    # same samples (seeded by global prompt position), same global loss, same clipped gradient
+    for key in SAME:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert_same_weights(one / "model", two / "model")
+    wa, w0 = load_file(one / "model" / "model.safetensors"), load_file(base_model / "model.safetensors")
+    assert any((wa[n] - w0[n]).abs().max() > 1e-4 for n in wa)  # it moved
+
+
+def test_two_ranks_give_the_same_update_as_one_process(runs, tiny_model_dir):
+    assert_same_step(runs("one"), runs("ddp", ranks=2), tiny_model_dir)
+
+
+def test_two_fsdp_ranks_give_the_same_update_as_one_process(runs, tiny_model_dir):
+    assert_same_step(runs("one"), runs("fsdp", "train.sharding=fsdp", ranks=2), tiny_model_dir)
+
+
+def test_fsdp_checkpoint_is_whole_and_resumes_in_one_process(runs):
+    one, fsdp = runs("one"), runs("fsdp", "train.sharding=fsdp", ranks=2)
+    ckpt_one, ckpt_fsdp = (r / "checkpoints" / "step-000001" for r in (one, fsdp))
+    # rank 0 wrote what a single process writes: whole weights, and the optimizer state in the same layout
+    assert_same_weights(ckpt_one / "model", ckpt_fsdp / "model")
+    opt_one, opt_fsdp = (torch.load(c / "optimizer.pt", weights_only=True) for c in (ckpt_one, ckpt_fsdp))
+    assert opt_fsdp["param_groups"] == opt_one["param_groups"]
+    assert opt_fsdp["state"].keys() == opt_one["state"].keys()
+    for i, state in opt_one["state"].items():
+        for key, value in state.items():
+            assert opt_fsdp["state"][i][key].shape == value.shape, (i, key)
+            assert (opt_fsdp["state"][i][key] - value).abs().max() < 1e-5, (i, key)
+
+    # the sharded checkpoint continues in one process exactly as the one-process checkpoint does
+    second = ("train.steps=2",)
+    from_one = runs("one-2", *second, f"run.resume={ckpt_one}")
+    from_fsdp = runs("fsdp-2", *second, f"run.resume={ckpt_fsdp}")
+    (a,), (b,) = logged(from_one), logged(from_fsdp)
+    assert a["step"] == b["step"] == 2
+    for key in SAME:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert_same_weights(from_one / "model", from_fsdp / "model")
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
+    ckpt_one = runs("one") / "checkpoints" / "step-000001"
+    second = ("train.steps=2", f"run.resume={ckpt_one}")
+    from_one = runs("one-2", *second)
+    # each rank keeps its shard of the whole saved optimizer state
+    sharded = runs("one-2-fsdp", *second, "train.sharding=fsdp", ranks=2)
+    (a,), (b,) = logged(from_one), logged(sharded)
+    for key in SAME:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert_same_weights(from_one / "model", sharded / "model")
