@@ -45,6 +45,8 @@ def unsupported_reason(policy: torch.nn.Module) -> str | None:
     inner = getattr(model, "model", None)
     if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"{type(model).__name__} does not have the Llama module layout"
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 shards, not gathered for decoding
+        return "sharded (DTensor) parameters"
     return None
 
 

@@ -47,6 +47,30 @@ def test_chunked_logprobs_gradients_match_unchunked(tiny_model):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "completions", [[[20, 21, 22, 23], [24], [25, 26], [27, 28, 29]], [[20], [21], [22], [23]]]
+)
+def test_shared_prompts_give_the_full_forwards_logprobs_and_gradients(tokenizer, completions):
+    from tests.conftest import build_model
+
+    model = build_model(len(tokenizer), initializer_range=0.1)  # lively weights: prompts matter
+    prompts = [[5, 6, 7], [5, 6, 7], [8, 9], [5, 6, 7]]  # two distinct prompts, of different lengths
+    batch = pack(prompts, completions, pad_id=0)
+    assert batch.prompt_index.tolist() == [0, 0, 1, 0]
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        logprobs, entropy = completion_logprobs(model, batch, 0.7, share_prompts=share, with_entropy=True)
+        (logprobs * torch.arange(1.0, 5.0)[:, None]).sum().backward()  # unequal weights per sequence
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logprobs.detach(), entropy, grads))
+    (shared_lp, shared_ent, shared_grad), (full_lp, full_ent, full_grad) = results
+    torch.testing.assert_close(shared_lp, full_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_ent, full_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_grad, full_grad, atol=1e-5, rtol=1e-4)
+    assert full_grad.abs().max() > 0
+
+
 def test_engine_returns_n_completions_per_prompt_with_trainer_matching_logprobs(tiny_model, tokenizer):
     engine = build_engine("transformers", policy=tiny_model, tokenizer=tokenizer, model_path="unused")
     prompts = [tokenizer("What is 12 + 35?")["input_ids"], tokenizer("aaa")["input_ids"]]
