@@ -207,11 +207,12 @@ def train(config: Config) -> Path:
                     "yellow",
                 )
                 return run.run_dir
+        # every rank joins; before the engine closes (vLLM's shutdown takes the process group down with it)
+        weights = run.dist.full_state_dict(run.policy) if config.run.save_model else None
     finally:
         stop.restore()
         run.close()
 
-    weights = run.dist.full_state_dict(run.policy) if config.run.save_model else None  # every rank joins
     if run.dist.is_main:
         finish_run(run, evaluations, weights)
     return run.run_dir
