@@ -62,6 +62,15 @@ def test_prompts_not_divisible_into_minibatches_is_an_error():
         load_config(None, ["train.prompts_per_step=6", "algorithm.minibatches=4"])
 
 
+def test_sharding_choices_are_ddp_and_fsdp_and_fsdp_refuses_lora():
+    assert load_config(None, []).train.sharding == "ddp"
+    assert load_config(None, ["train.sharding=fsdp"]).train.sharding == "fsdp"
+    with pytest.raises(ConfigError, match=r"train\.sharding: 'zero3' is not one of 'ddp' \| 'fsdp'"):
+        load_config(None, ["train.sharding=zero3"])
+    with pytest.raises(ConfigError, match="use train.sharding=ddp"):
+        load_config(None, ["train.sharding=fsdp", "model.lora.r=8"])
+
+
 def test_missing_recipe_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_config(tmp_path / "nope.yaml")
