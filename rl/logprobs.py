@@ -13,6 +13,7 @@ and a few hundred MB.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -107,7 +108,9 @@ def completion_logprobs(
     lp_chunks, ent_chunks = [], []
     for start in range(0, selected.shape[0], chunk_size):
         h, tgt = selected[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and _plain_linear(head):
+            lp, ent = HeadLogprobs.apply(h, head.weight, head.bias, tgt, temperature, with_entropy)
+        elif torch.is_grad_enabled():
             lp, ent = checkpoint(_chunk, head, h, tgt, temperature, with_entropy, use_reentrant=False)
         else:
             lp, ent = _chunk(head, h, tgt, temperature, with_entropy)
@@ -162,6 +165,68 @@ def _shared_prompt_hidden(body: torch.nn.Module, batch: PackedBatch, device: tor
         use_cache=True,
     ).last_hidden_state  # [B, T-1, H]
     return torch.cat([first, rest], 1)
+
+
+def _plain_linear(head: torch.nn.Module) -> bool:
+    """An unwrapped nn.Linear whose weight is a plain tensor (no LoRA layer, no hooks, no FSDP shard)."""
+    return (
+        type(head) is torch.nn.Linear
+        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not hasattr(head.weight, "full_tensor")
+    )
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """LM head + log-softmax + gather for one chunk, with a hand-written backward.
+
+    Forward keeps only the inputs and the log-normaliser, not the [n, V] logits. Backward recomputes the
+    logits once and applies d logp(y)/d z = onehot(y) - softmax(z), scaled by 1/temperature. Against
+    checkpointing the autograd version, this skips re-running the log-softmax, the gather and the entropy
+    in the backward pass. `tests/test_logprobs_and_engine.py` checks its gradients against autograd.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = _scaled_logits(hidden, weight, bias, temperature)  # [n, V] float32
+        normaliser = torch.logsumexp(logits, dim=-1)  # [n]
+        logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
+        if with_entropy:  # H = log Z - sum p z, from the normaliser already at hand
+            entropy = normaliser - (torch.exp(logits - normaliser[:, None]) * logits).sum(-1)
+        else:
+            entropy = logits.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple:
+        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
+        logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
+        grad = torch.exp(logits - normaliser[:, None]).mul_(-grad_logprobs[:, None])  # -softmax * g
+        grad.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])  # + onehot * g
+        if ctx.temperature not in (0.0, 1.0):
+            grad /= ctx.temperature
+        grad = grad.to(weight.dtype)  # [n, V]
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _scaled_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
 
 
 def _chunk(

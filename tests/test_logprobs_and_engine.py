@@ -47,6 +47,50 @@ def test_chunked_logprobs_gradients_match_unchunked(tiny_model):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logprobs_backward_matches_autograd(temperature):
+    from rl.grpo import entropy_from_logits
+    from rl.logprobs import HeadLogprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 3, 5, 7])
+    upstream = torch.randn(6, dtype=torch.float64)
+    logprobs, entropy = HeadLogprobs.apply(hidden, weight, bias, targets, temperature, True)
+    fused = torch.autograd.grad((logprobs * upstream).sum(), (hidden, weight, bias))
+    logits = torch.nn.functional.linear(hidden, weight, bias) / temperature
+    reference = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((reference * upstream).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(logprobs, reference.float(), atol=1e-6, rtol=0)  # forward works in float32
+    torch.testing.assert_close(entropy, entropy_from_logits(logits).float(), atol=1e-5, rtol=0)
+    for got, want in zip(fused, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_logprobs_gradients_match_a_plain_log_softmax(tiny_model):
+    prompts, completions = [[5, 6, 7], [8, 9]], [[20, 21, 22], [23, 24]]
+    tiny_model.zero_grad()
+    reference = _full_logprobs_with_grad(tiny_model, prompts, completions, 0.8)
+    sum(r.sum() for r in reference).backward()
+    expected = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    batch = pack(prompts, completions, pad_id=0)
+    logprobs, _ = completion_logprobs(tiny_model, batch, 0.8, share_prompts=False)
+    logprobs.sum().backward()
+    for param, want in zip(tiny_model.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, want, atol=1e-6, rtol=1e-4)
+
+
+def _full_logprobs_with_grad(model, prompts, completions, temperature):
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0].float() / temperature, -1)
+        out.append(torch.stack([logp[len(p) - 1 + j, tok] for j, tok in enumerate(c)]))
+    return out
+
+
 @pytest.mark.parametrize(
     "completions", [[[20, 21, 22, 23], [24], [25, 26], [27, 28, 29]], [[20], [21], [22], [23]]]
 )
