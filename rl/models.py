@@ -63,6 +63,18 @@ def add_lora(policy: torch.nn.Module, lora: Any, adapter_dir: Path | None) -> to
     return get_peft_model(policy, config)
 
 
+def prepare_for_training(
+    policy: torch.nn.Module, model: Any, adapter_dir: Path | None = None
+) -> torch.nn.Module:
+    """The policy as `model` (a ModelConfig) trains it: LoRA adapters when model.lora.r > 0 (new ones, or
+    those in `adapter_dir`), gradient checkpointing when asked (non-reentrant, so frozen inputs work)."""
+    if model.lora.r:
+        policy = add_lora(policy, model.lora, adapter_dir)
+    if model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy
+
+
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 

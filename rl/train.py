@@ -37,7 +37,7 @@ from rl.grpo import (
     overlong_penalty,
 )
 from rl.logprobs import CompletionLogprobs
-from rl.models import add_lora, load_policy, pick_device, resolve_model_path, seed_everything
+from rl.models import load_policy, pick_device, prepare_for_training, resolve_model_path, seed_everything
 from rl.report import plot_runs, write_samples_html
 from rl.tracking import Alarms, Console, Loggers, sample_records
 from rl.update import Sample, lr_factor, update_policy
@@ -229,10 +229,9 @@ def start_run(config: Config) -> Run:
     # A full fine-tuning checkpoint holds the whole policy; a LoRA one holds the adapter, over the base model.
     policy_path = resume_from / "model" if resume_from and not lora else model_path
     tokenizer, policy = load_policy(policy_path, config.model.dtype, device)
-    if lora:
-        policy = add_lora(policy, lora, resume_from / "model" if resume_from else None)
-    if config.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = prepare_for_training(
+        policy, config.model, resume_from / "model" if resume_from and lora else None
+    )
     # R1-Zero default: kl_coef = 0 loads no reference model at all. With LoRA the reference is the base
     # model itself, reached by switching the adapters off, so no second copy is loaded either.
     reference = None
