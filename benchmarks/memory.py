@@ -3,6 +3,7 @@
     python benchmarks/memory.py                                  # CPU, Qwen2.5-0.5B shape, bf16
     python benchmarks/memory.py --device cuda --batch 32 --micro-batch 16 --completion 512   # on a GPU
     python benchmarks/memory.py --modes full,lora --json mem.json
+    python benchmarks/memory.py --dtype float32 --compute-dtype bfloat16   # mixed precision
 
 Each mode runs in a fresh process: it builds a model of Qwen2.5-0.5B's shape with random weights (24 layers,
 hidden 896, 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings), prepares it the way
@@ -95,6 +96,7 @@ def worker(spec: dict) -> dict:
         None,
         [
             f"model.dtype={spec['dtype']}",
+            f"model.compute_dtype={spec['compute_dtype'] or 'null'}",
             f"model.gradient_checkpointing={str(checkpointing).lower()}",
             f"model.lora.r={rank}",
             f"train.micro_batch_size={spec['micro_batch']}",
@@ -155,7 +157,11 @@ def main() -> None:
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", help="weights and optimizer dtype (model.dtype)")
+    parser.add_argument(
+        "--compute-dtype",
+        help="mixed precision (model.compute_dtype), e.g. --dtype float32 --compute-dtype bfloat16",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (groups of 8)")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
@@ -170,7 +176,7 @@ def main() -> None:
         return
 
     settings = {
-        "device": args.device, "dtype": args.dtype, "batch": args.batch, "micro_batch": args.micro_batch,
+        "device": args.device, "dtype": args.dtype, "compute_dtype": args.compute_dtype, "batch": args.batch, "micro_batch": args.micro_batch,
         "prompt": args.prompt, "completion": args.completion, "threads": args.threads,
     }  # fmt: skip
     print(f"Qwen2.5-0.5B shape, random weights; {json.dumps(settings)}")

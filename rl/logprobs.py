@@ -12,6 +12,7 @@ and a few hundred MB.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,21 +205,26 @@ class HeadLogprobs(torch.autograd.Function):
             entropy = logits.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
         ctx.temperature = temperature
+        device = hidden.device.type  # the backward recomputes the logits under the forward's autocast state
+        ctx.amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple:
         hidden, weight, bias, targets, normaliser = ctx.saved_tensors
-        logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
+        amp = torch.autocast(hidden.device.type, dtype=ctx.amp) if ctx.amp else contextlib.nullcontext()
+        with amp:
+            logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
         grad = torch.exp(logits - normaliser[:, None]).mul_(-grad_logprobs[:, None])  # -softmax * g
         grad.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])  # + onehot * g
         if ctx.temperature not in (0.0, 1.0):
             grad /= ctx.temperature
-        grad = grad.to(weight.dtype)  # [n, V]
-        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        compute = ctx.amp or weight.dtype  # the product's dtype in the forward pass
+        grad = grad.to(compute)  # [n, V]
+        grad_hidden = (grad @ weight.to(compute)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.t() @ hidden.to(compute)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -73,6 +74,13 @@ def prepare_for_training(
     if model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy
+
+
+def autocast(model: Any, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision: torch.autocast in model.compute_dtype (a ModelConfig's), or nothing when it is unset."""
+    if model.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, model.compute_dtype))
 
 
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")

@@ -19,6 +19,7 @@ from rl.config import Config
 from rl.distributed import Distributed
 from rl.grpo import aggregate_loss, kl_penalty, policy_loss, truncated_is_weight
 from rl.logprobs import PackedBatch, completion_logprobs, pack
+from rl.models import autocast
 
 
 @dataclass
@@ -57,6 +58,7 @@ def update_policy(
         [s for s in samples if bounds[k] <= s.group < bounds[k + 1]] for k in range(algo.minibatches)
     ]
     single_update = algo.epochs == 1 and algo.minibatches == 1
+    device = next(policy.parameters()).device
     old: dict[int, torch.Tensor] = {}
     if not single_update:
         # Several optimizer steps reuse this batch: the ratio needs the log-probs of the policy that sampled
@@ -67,13 +69,13 @@ def update_policy(
             chunks = [samples[i : i + micro] for i in range(0, len(samples), micro)]
             for k in range(int(dist.max(len(chunks)))):
                 chunk = chunks[k] if k < len(chunks) else samples[:1]
-                lp, _ = trainer(_pack(chunk, pad_id), temperature)
+                with autocast(config.model, device):
+                    lp, _ = trainer(_pack(chunk, pad_id), temperature)
                 for j, s in enumerate(chunk if k < len(chunks) else []):
                     old[id(s)] = lp[j, : len(s.completion_ids)].cpu()
 
     sums = M.UpdateAccumulator()
     policy.train()
-    device = next(policy.parameters()).device
     for _ in range(algo.epochs):
         for mini in minibatches:
             mini = [s for s in mini if s.valid]
@@ -100,7 +102,8 @@ def update_policy(
                 with contextlib.nullcontext() if sync else dist.no_sync(trainer):
                     batch = _pack(chunk, pad_id)
                     mask = batch.completion_mask.to(device)  # [b, T]
-                    logprobs, entropy = trainer(batch, temperature, with_entropy=True)  # [b, T]
+                    with autocast(config.model, device):  # mixed precision: the forward only
+                        logprobs, entropy = trainer(batch, temperature, with_entropy=True)  # [b, T]
                     if single_update:
                         # One update per batch: the weights that sampled this batch are exactly the current
                         # weights (nothing changed them since generation), so old log-probs equal these
@@ -120,7 +123,8 @@ def update_policy(
                     pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
                     loss, kl = pg_loss, None
                     if algo.kl_coef:
-                        ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
+                        with autocast(config.model, device):
+                            ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
                         kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
                         loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
                     if not torch.isfinite(loss):

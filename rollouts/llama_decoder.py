@@ -68,8 +68,12 @@ class LlamaDecoder:
         kv_heads = model.config.num_key_value_heads
         weight = self.inner.embed_tokens.weight
         shape = (batch, kv_heads, max_len, self.head_dim)
-        self.keys = [weight.new_empty(shape) for _ in self.inner.layers]  # [B, KV, T, D] per layer
-        self.values = [weight.new_empty(shape) for _ in self.inner.layers]
+        device = weight.device.type  # under autocast (mixed precision) keys and values come in its dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        self.keys = [
+            weight.new_empty(shape, dtype=dtype) for _ in self.inner.layers
+        ]  # [B, KV, T, D] per layer
+        self.values = [weight.new_empty(shape, dtype=dtype) for _ in self.inner.layers]
         self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=weight.device)  # key mask
         self.gqa = model.config.num_attention_heads != kv_heads
         self.length = 0  # columns filled
