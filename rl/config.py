@@ -48,7 +48,8 @@ class ModelConfig:
     compute_dtype: Literal["bfloat16"] | None = None
     """Mixed precision: forward and backward passes (and transformers-engine sampling) under torch.autocast in
     this dtype, while the weights and optimizer stay in model.dtype (float32 master weights). The vLLM
-    engine runs in this dtype. null: everything in model.dtype."""
+    engine runs in this dtype. null: everything in model.dtype. With LoRA the frozen base may stay in bfloat16
+    (the adapters are float32); autocast then also keeps the adapters' saved inputs in bf16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more update time."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -482,10 +483,11 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.betas must be two numbers, e.g. [0.9, 0.999]")
     if config.eval.size < 0 or config.eval.samples < 1 or config.eval.every < 0:
         raise ConfigError("eval.size and eval.every must be >= 0 and eval.samples >= 1")
-    if config.model.compute_dtype and config.model.dtype != "float32":
+    if config.model.compute_dtype and config.model.dtype != "float32" and not config.model.lora.r:
         raise ConfigError(
             f"model.compute_dtype={config.model.compute_dtype} is mixed precision over float32 master weights: "
-            f"set model.dtype=float32 (got {config.model.dtype})"
+            f"set model.dtype=float32 (got {config.model.dtype}); with LoRA the frozen base may stay in "
+            f"{config.model.dtype} (the adapters are float32)"
         )
     if config.model.lora.r < 0:
         raise ConfigError("model.lora.r must be >= 0 (0 = full fine-tuning)")

@@ -10,25 +10,28 @@ import torch
 from rl.config import ConfigError, load_config
 from rl.distributed import Distributed
 from rl.logprobs import CompletionLogprobs, HeadLogprobs
+from rl.models import prepare_for_training
 from rl.train import train
 from rl.update import Sample, update_policy
 from tests.conftest import build_model
 
 
-def _one_update(tokenizer, dtype: str, compute_dtype: str | None) -> tuple[float, torch.nn.Module]:
-    """Fraction of the weights one AdamW step at lr 1e-6 changes, and the updated model."""
+def _one_update(
+    tokenizer, dtype: str, compute_dtype: str | None, lora: int = 0
+) -> tuple[float, torch.nn.Module]:
+    """Fraction of the trainable weights one AdamW step at lr 1e-6 changes, and the updated model."""
     overrides = [
         f"model.dtype={dtype}",
         "optim.lr=1e-6",
         "train.micro_batch_size=8",
         "rollout.max_new_tokens=6",
     ]
-    if compute_dtype:
-        overrides.append(f"model.compute_dtype={compute_dtype}")
+    overrides += [f"model.compute_dtype={compute_dtype or 'null'}", f"model.lora.r={lora}"]
     config = load_config(None, overrides)
-    model = build_model(len(tokenizer)).to(getattr(torch, dtype))
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    model = prepare_for_training(build_model(len(tokenizer)).to(getattr(torch, dtype)), config.model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    optimizer = torch.optim.AdamW(trained, lr=config.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     generator = torch.Generator().manual_seed(0)
     samples = [
@@ -54,8 +57,10 @@ def _one_update(tokenizer, dtype: str, compute_dtype: str | None) -> tuple[float
         0,
         Distributed(torch.device("cpu")),
     )
-    changed = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before, strict=True))
-    return changed / sum(b.numel() for b in before), model
+    moved = [p.detach() != b for p, b in zip(trained, before, strict=True)]
+    if lora:  # lora_B starts at zero, so lora_A gets no gradient in the first step: count lora_B
+        moved = [p.detach() != 0 for name, p in model.named_parameters() if "lora_B" in name]
+    return sum(int(m.sum()) for m in moved) / sum(m.numel() for m in moved), model
 
 
 def test_mixed_precision_keeps_small_updates_that_pure_bfloat16_loses(tokenizer):
@@ -66,9 +71,19 @@ def test_mixed_precision_keeps_small_updates_that_pure_bfloat16_loses(tokenizer)
     assert pure < 0.2  # most 1e-6 steps round back to the same bfloat16 number
 
 
+def test_lora_over_a_bfloat16_base_trains_float32_adapters_under_autocast(tokenizer):
+    fraction, model = _one_update(tokenizer, "bfloat16", "bfloat16", lora=4)
+    adapters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in name and p.dtype == torch.float32 for name, p in adapters.items())
+    assert fraction > 0.95  # every lora_B entry left zero after a 1e-6 step: nothing rounded away
+
+
 def test_compute_dtype_needs_float32_master_weights():
     with pytest.raises(ConfigError, match="set model.dtype=float32"):
         load_config(None, ["model.dtype=bfloat16", "model.compute_dtype=bfloat16"])
+    load_config(
+        None, ["model.dtype=bfloat16", "model.compute_dtype=bfloat16", "model.lora.r=8"]
+    )  # frozen base
     with pytest.raises(ConfigError, match="expected .bfloat16. or NoneType, got .float16."):
         load_config(None, ["model.compute_dtype=float16"])  # would need loss scaling
 
