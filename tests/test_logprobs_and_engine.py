@@ -172,6 +172,23 @@ def test_engine_stops_at_stop_string_and_eos(tiny_model, tokenizer):
         handle.remove()
 
 
+def test_checking_for_the_end_every_few_tokens_gives_the_same_completions(tiny_model, tokenizer, monkeypatch):
+    import rollouts.hf_engine as H
+
+    with torch.no_grad():  # EOS likely: sequences end at different lengths
+        tiny_model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 40
+    engine = TransformersEngine(tiny_model, tokenizer)
+    params = SamplingParams(n=4, max_new_tokens=40, seed=3)
+    every_token = engine.generate([[5, 6, 7], [8, 9]], params)
+    monkeypatch.setattr(H, "_check_interval", lambda device, params: 16)  # what a GPU uses
+    every_16 = engine.generate([[5, 6, 7], [8, 9]], params)
+    flat = [c for g in every_token for c in g]
+    assert len({len(c.token_ids) for c in flat}) > 1 and any(c.finish_reason == "stop" for c in flat)
+    assert [(c.token_ids, c.finish_reason, c.logprobs) for g in every_16 for c in g] == [
+        (c.token_ids, c.finish_reason, c.logprobs) for c in flat
+    ]
+
+
 def test_policy_gradient_raises_positive_and_lowers_negative_advantage_tokens(tiny_model):
     batch = pack([[5, 6, 7], [5, 6, 7]], [[30, 31, 32], [40, 41, 42]], pad_id=0)
     optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.02)  # small: a first-order step
