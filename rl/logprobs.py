@@ -4,9 +4,9 @@ The model body runs once on prompt+completion; the LM head, the log-softmax and 
 chunks of completion positions only. When several completions share a prompt (a GRPO group), the prompt runs
 once: its keys and values, still differentiable, are indexed to each of its completions, which then run
 attending to them. Gradients reach the prompt's weights through both paths, exactly as in the full forward,
-while its tokens are computed 1 time instead of G. With gradients on, each chunk is checkpointed, so its logits are
-recomputed in the backward pass instead of being kept: peak memory holds one chunk's [chunk, vocab] logits,
-not the whole batch's. At a 152k vocabulary and 8k completion tokens that is the difference between 5 GB
+while its tokens are computed 1 time instead of G. With gradients on, no chunk's logits are kept for the
+backward pass: `HeadLogprobs` recomputes them there (a plain nn.Linear head), or the chunk is checkpointed
+(any other head): peak memory holds one chunk's [chunk, vocab] logits, not the whole batch's. At a 152k vocabulary and 8k completion tokens that is the difference between 5 GB
 and a few hundred MB.
 """
 
@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rl.grpo import entropy_from_logits
+from rollouts.base import has_sharded_parameters, is_sharded
 
 
 @dataclass
@@ -53,8 +54,9 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
             completion_ids[i, : len(c)] = torch.tensor(c)
             completion_mask[i, : len(c)] = 1
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
-    prompt_index = torch.tensor([distinct.index(tuple(p)) for p in prompts], dtype=torch.long)
+    position = {p: i for i, p in enumerate(dict.fromkeys(tuple(p) for p in prompts))}
+    distinct = list(position)
+    prompt_index = torch.tensor([position[tuple(p)] for p in prompts], dtype=torch.long)
     width = max((len(p) for p in distinct), default=1)
     prompt_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
     prompt_attention = torch.zeros((len(distinct), width), dtype=torch.long)
@@ -133,7 +135,7 @@ def _can_share_prompts(model: torch.nn.Module) -> bool:
     and reshard twice per step); those take the full forward."""
     if getattr(model, "is_gradient_checkpointing", False):
         return False
-    return not any(hasattr(p, "full_tensor") for p in model.parameters())
+    return not has_sharded_parameters(model)
 
 
 def _shared_prompt_hidden(body: torch.nn.Module, batch: PackedBatch, device: torch.device) -> torch.Tensor:
@@ -173,7 +175,7 @@ def _plain_linear(head: torch.nn.Module) -> bool:
     return (
         type(head) is torch.nn.Linear
         and not (head._forward_hooks or head._forward_pre_hooks)
-        and not hasattr(head.weight, "full_tensor")
+        and not is_sharded(head.weight)
     )
 
 

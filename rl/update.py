@@ -20,6 +20,7 @@ from rl.distributed import Distributed
 from rl.grpo import aggregate_loss, kl_penalty, policy_loss, truncated_is_weight
 from rl.logprobs import PackedBatch, completion_logprobs, pack
 from rl.models import autocast
+from rollouts.base import is_sharded
 
 
 @dataclass
@@ -127,11 +128,8 @@ def update_policy(
                             ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
                         kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
                         loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
-                    if not torch.isfinite(loss):
-                        finite, weight = (
-                            False,
-                            0.0,
-                        )  # the update is skipped; the run stops after repeated skips
+                    if not torch.isfinite(loss):  # the update is skipped; the run stops after repeated skips
+                        finite, weight = False, 0.0
                         loss = logprobs.nan_to_num(0.0, 0.0, 0.0).sum()  # a finite stand-in for DDP's sync
                     (loss * weight).backward()
                 if weight:
@@ -179,7 +177,7 @@ def _clip_grad(policy: torch.nn.Module, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: the global norm
+    return float(norm.full_tensor() if is_sharded(norm) else norm)  # sharded: the global norm
 
 
 def lr_factor(update: int, warmup: int, total: int, schedule: str) -> float:

@@ -70,6 +70,15 @@ class RolloutEngine(Protocol):
 
 
 @torch.no_grad()
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """An FSDP2 shard (a DTensor): its whole value needs `full_tensor()`, a collective."""
+    return hasattr(tensor, "full_tensor")
+
+
+def has_sharded_parameters(module: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for p in module.parameters())
+
+
 def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as (name, tensor) pairs named like the base HF model, for engines that keep their
     own copy. For a PEFT LoRA policy each adapted weight is computed out of place as W + B A * alpha / r, so
@@ -91,7 +100,7 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
                 if active:
                     deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in active)
     for name, tensor in policy.state_dict().items():
-        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): gathered whole, on every rank
+        if is_sharded(tensor):  # gathered whole, on every rank
             tensor = tensor.full_tensor()
         if is_peft:
             if "lora_" in name:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rollouts.base import has_sharded_parameters
+
 SUPPORTED_TYPES = ("llama", "qwen2")
 
 
@@ -45,7 +47,7 @@ def unsupported_reason(policy: torch.nn.Module) -> str | None:
     inner = getattr(model, "model", None)
     if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"{type(model).__name__} does not have the Llama module layout"
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 shards, not gathered for decoding
+    if has_sharded_parameters(model):  # FSDP2 shards, not gathered for decoding
         return "sharded (DTensor) parameters"
     return None
 
