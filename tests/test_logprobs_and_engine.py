@@ -231,7 +231,19 @@ def _llama(tokenizer, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias_linear_rope", "llama_mha"])
+def _lora(model: torch.nn.Module) -> torch.nn.Module:
+    """LoRA on the attention and MLP projections, with non-zero B so that the adapters change the logits."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return lora.eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias_linear_rope", "llama_mha", "qwen2_lora"])
 def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
     from rollouts.llama_decoder import LlamaDecoder, unsupported_reason
     from tests.conftest import build_model
@@ -245,6 +257,7 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
         ),
         "llama_mha": lambda: _llama(tokenizer, num_key_value_heads=4),
+        "qwen2_lora": lambda: _lora(build_model(len(tokenizer), initializer_range=0.1)),
     }[arch]()
     assert unsupported_reason(model) is None
     prompts, copies, appended = [[5, 6, 7, 8, 9], [10, 11]], 2, [[20, 21, 22], [23, 24, 25]]
