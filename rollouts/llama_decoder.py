@@ -14,14 +14,13 @@ only the cache and the attention itself here:
   (`x @ W^T` as an [in, out] matrix): MKL's small-batch product is faster in that layout, 11% of the whole
   rollout on the benchmark model, for one extra copy of the weights while the decoder lives. LoRA layers and
   other modules are called as they are;
-- the prefill attends with `scaled_dot_product_attention`; a decode step (one query per row) with two batched
-  matrix products over the filled columns of the cache, seen as [rows x kv_heads, columns, head_dim] without
-  a copy, and an additive key mask for left padding. On a CPU this takes 85 us where
-  `scaled_dot_product_attention` takes 200 us (32 rows, 96 columns): its kernel copies the strided cache
-  slice and runs a flash-attention loop built for long queries.
-
-`unsupported_reason(model)` says why a model cannot use it (then the engine uses transformers' forward);
-`tests/test_logprobs_and_engine.py` checks its logits against transformers' forward.
+- the prefill attends with `scaled_dot_product_attention`. A decode step (one query per row) with a float32
+  cache uses two batched matrix products over the filled columns of the cache, seen as
+  [rows x kv_heads, columns, head_dim] without a copy, and an additive key mask for left padding: on a CPU
+  85 us where `scaled_dot_product_attention` takes 200 us (32 rows, 96 columns), as its kernel copies the
+  strided cache slice and runs a loop built for long queries. A bf16/fp16 cache (autocast, half weights)
+  keeps `scaled_dot_product_attention`, which accumulates in float32 as the trainer's attention does;
+  products in half precision would put the sampler's log-probs 2e-2 away from the trainer's.
 """
 
 from __future__ import annotations
@@ -105,6 +104,7 @@ class LlamaDecoder:
         self.values = [weight.new_empty(shape, dtype=dtype) for _ in self.inner.layers]
         self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=weight.device)  # key mask
         self.key_bias = weight.new_zeros((batch, max_len), dtype=dtype)  # 0 where valid, -inf elsewhere
+        self.product_attention = dtype == torch.float32  # see the module docstring
         self.kv_heads = kv_heads
         self.gqa = model.config.num_attention_heads != kv_heads
         self.length = 0  # columns filled
@@ -134,9 +134,11 @@ class LlamaDecoder:
         column = self.length
         self.valid[:, column] = True
         rows = ids.shape[0]
-        # [B * KV, 1, T]: one row per (sequence, kv head), as the cache is viewed in _decode_attention
-        mask = self.key_bias[:, None, : column + 1].expand(rows, self.kv_heads, column + 1)
-        mask = mask.reshape(rows * self.kv_heads, 1, column + 1)
+        if self.product_attention:  # [B * KV, 1, T]: a row per (sequence, kv head), as the cache is viewed
+            mask = self.key_bias[:, None, : column + 1].expand(rows, self.kv_heads, column + 1)
+            mask = mask.reshape(rows * self.kv_heads, 1, column + 1)
+        else:
+            mask = self.valid[:, None, None, : column + 1]  # [B, 1, 1, T]
         hidden = self._layers(ids[:, None], self.positions[:, None], mask, slice(column, column + 1), None)
         self.length, self.positions = column + 1, self.positions + 1
         return self._linear(self.lm_head, self.inner.norm(hidden[:, -1]))
@@ -150,7 +152,8 @@ class LlamaDecoder:
         copies: int | None,
     ) -> torch.Tensor:
         """Run the layers over `ids` [R, L] into cache `columns`: a prefill (`copies` cache rows per row, `mask`
-        [R, 1, L, L] bool) or a decode step (`copies` None, L = 1, `mask` the additive key bias)."""
+        [R, 1, L, L] bool) or a decode step (`copies` None, L = 1, `mask` the additive key bias, or the bool key
+        mask [R, 1, 1, T] for scaled_dot_product_attention)."""
         hidden = self.inner.embed_tokens(ids)  # [R, L, H]
         rows, length = ids.shape
         cos, sin = self.inner.rotary_emb(hidden, positions)  # [R, L, D]
@@ -158,20 +161,22 @@ class LlamaDecoder:
         for layer, keys, values in zip(self.inner.layers, self.keys, self.values, strict=True):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = (
-                self._linear(attn.q_proj, x).view(rows, length, -1, self.head_dim).transpose(1, 2)
-            )  # [R,H,L,D]
-            k = (
-                self._linear(attn.k_proj, x).view(rows, length, -1, self.head_dim).transpose(1, 2)
-            )  # [R,KV,L,D]
-            v = self._linear(attn.v_proj, x).view(rows, length, -1, self.head_dim).transpose(1, 2)
+            heads = [
+                self._linear(proj, x).view(rows, length, -1, self.head_dim).transpose(1, 2)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+            ]
+            q, k, v = heads  # [R, H, L, D], [R, KV, L, D], [R, KV, L, D]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            if copies is None:  # a decode step
+            if copies is None:  # a decode step: append this column, attend over the filled ones
                 keys[:, :, columns], values[:, :, columns] = k, v
-                out = self._decode_attention(q, keys, values, columns.stop, mask)
+                if self.product_attention:
+                    out = self._decode_attention(q, keys, values, columns.stop, mask)
+                else:
+                    k, v = keys[:, :, : columns.stop], values[:, :, : columns.stop]
             else:  # prefill: the prompt's own keys serve its attention; the cache gets one copy per sample
                 keys[:, :, columns] = k.repeat_interleave(copies, 0)
                 values[:, :, columns] = v.repeat_interleave(copies, 0)
+            if copies is not None or not self.product_attention:
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa
                 )
