@@ -319,23 +319,53 @@ def summarise(runs: list[dict], warmup: int, w: Workload) -> dict:
     return out
 
 
-def gpu_efficiency(fig: dict, w: Workload, size: dict, peak_tflops: float, hbm_tbs: float) -> dict:
-    """Training MFU and rollout decode speed against the weight-streaming bandwidth limit.
+def measure_cpu_limits(w: Workload, seconds: float = 1.0) -> dict:
+    """This machine's limits, measured now with the trainers' thread count: the float32 rate of the update's
+    largest matrix product (GFLOP/s; [micro_batch x max_new_tokens, hidden] @ [hidden, intermediate], best
+    of repeats) and the read bandwidth of a 512 MiB tensor (GB/s, beyond any cache; best of repeats)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(w.threads or threads)
+    try:
+        a, b = torch.randn(w.micro_batch * w.max_new_tokens, w.hidden), torch.randn(w.hidden, w.intermediate)
+        big = torch.ones(2**27)  # 512 MiB of float32
+        best = {"matmul": float("inf"), "read": float("inf")}
+        for name, fn in (("matmul", lambda: a @ b), ("read", big.sum)):
+            fn()
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "matmul_gflops": 2 * a.shape[0] * w.hidden * w.intermediate / best["matmul"] / 1e9,
+        "read_gbs": big.numel() * 4 / best["read"] / 1e9,
+        "threads": w.threads or threads,
+    }
+
+
+def efficiency(fig: dict, w: Workload, size: dict, peak_flops: float, bandwidth: float) -> dict:
+    """How close each trainer's two phases come to the hardware: training MFU and the decode step's floor.
 
     MFU = 6 * params * tokens trained (prompt + completion) / update seconds / peak FLOP/s.
-    A decode step must read every weight once: at best weight_bytes / HBM bandwidth seconds. Bandwidth use =
-    that bound / the measured seconds per decode step (rollout seconds / max_new_tokens, completions run
-    to the limit).
+    A decode step must read every weight once and do 2 * params FLOPs per sequence: it takes at least
+    max(weight_bytes / bandwidth, 2 * params * sequences / peak) seconds. Against the measured seconds per
+    decode step (rollout seconds / max_new_tokens; completions run to the limit) that gives `decode_fraction`.
+    On a GPU the peak and bandwidth are the datasheet's; on a CPU they are measured in the same run.
     """
     trained = fig["update_tok_per_s"] * (1 + w.prompt_tokens / w.max_new_tokens)  # prompt tokens ride along
-    bound_s = size["weight_bytes"] / (hbm_tbs * 1e12)
+    sequences = w.prompts * w.group
+    bound_s = max(size["weight_bytes"] / bandwidth, 2 * size["params"] * sequences / peak_flops)
     decode_s = fig["rollout_s"] / w.max_new_tokens
     return {
-        "mfu": 6 * size["params"] * trained / (peak_tflops * 1e12),
+        "mfu": 6 * size["params"] * trained / peak_flops,
         "decode_step_s": decode_s,
         "decode_step_bound_s": bound_s,
-        "bandwidth_fraction": bound_s / decode_s,
-        "rollout_tok_s_bound": w.prompts * w.group / bound_s,
+        "decode_fraction": bound_s / decode_s,
+        "rollout_tok_s_bound": sequences / bound_s,
     }
 
 
@@ -505,10 +535,16 @@ def main() -> None:
         "runs": runs,
     }
     if args.device == "cuda":
-        report["gpu_efficiency"] = {
-            k: gpu_efficiency(figs[k], w, size, args.peak_tflops, args.hbm_tbs) for k in figs
-        }
-        print(json.dumps(report["gpu_efficiency"], indent=1))
+        peak, bandwidth = args.peak_tflops * 1e12, args.hbm_tbs * 1e12
+    else:
+        report["cpu_limits"] = limits = measure_cpu_limits(w)
+        peak, bandwidth = limits["matmul_gflops"] * 1e9, limits["read_gbs"] * 1e9
+        print(f"\nthis CPU, {limits['threads']} thread(s): {limits['matmul_gflops']:.0f} GFLOP/s float32 matrix "
+              f"product, {limits['read_gbs']:.1f} GB/s memory read")  # fmt: skip
+    report["efficiency"] = eff = {k: efficiency(figs[k], w, size, peak, bandwidth) for k in figs}
+    for k, e in eff.items():
+        print(f"{k:3}: update MFU {e['mfu']:.0%}; decode step {e['decode_step_s'] * 1e3:.2f} ms against a "
+              f"floor of {e['decode_step_bound_s'] * 1e3:.2f} ms ({e['decode_fraction']:.0%})")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
