@@ -3,17 +3,17 @@
 transformers' generic forward is built for every architecture and every cache: each decode step re-creates
 the attention mask, re-concatenates every layer's keys and values (DynamicCache), and passes through layers of
 wrappers. On a small model that bookkeeping costs more than the matrix products. This module runs the same
-computation with the model's own submodules (embeddings, norms, projections, MLPs, rotary embedding, LM
-head: called as modules, so LoRA adapters and biases apply and in-place weight updates are seen), and does
-only the cache and the attention itself here:
+computation with the model's own submodules (embeddings, norms, projections, the MLP's activation, rotary
+embedding, LM head: LoRA adapters, biases and hooks apply, and in-place weight updates are seen), and does
+only the cache, the attention and the MLP's gating itself here:
 
 - one cache tensor per layer for keys and one for values, [batch, kv_heads, prompt + max_new, head_dim],
   written in place at the current column;
 - one prefill per distinct prompt; the G samples of a group copy its keys and values;
 - on a CPU, each plain `nn.Linear` multiplies by a transposed copy of its weight made once per decoder
   (`x @ W^T` as an [in, out] matrix): MKL's small-batch product is faster in that layout, 11% of the whole
-  rollout on the benchmark model, for one extra copy of the weights while the decoder lives. LoRA layers and
-  other modules are called as they are;
+  rollout on the benchmark model, for one extra copy of the weights while the decoder lives. LoRA layers,
+  layers with forward hooks and other modules are called as they are;
 - the prefill attends with `scaled_dot_product_attention`. A decode step (one query per row) with a float32
   cache uses two batched matrix products over the filled columns of the cache, seen as
   [rows x kv_heads, columns, head_dim] without a copy, and an additive key mask for left padding: on a CPU
