@@ -235,7 +235,9 @@ def _lora(model: torch.nn.Module) -> torch.nn.Module:
     """LoRA on the attention and MLP projections, with non-zero B so that the adapters change the logits."""
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
     with torch.no_grad():
         for name, param in lora.named_parameters():
             if "lora_B" in name:
