@@ -12,7 +12,8 @@ only the cache, the attention and the MLP's gating itself here:
 - one prefill per distinct prompt; the G samples of a group copy its keys and values;
 - on a CPU, each plain `nn.Linear` multiplies by a transposed copy of its weight made once per decoder
   (`x @ W^T` as an [in, out] matrix): MKL's small-batch product is faster in that layout, 11% of the whole
-  rollout on the benchmark model, for one extra copy of the weights while the decoder lives. LoRA layers,
+  rollout on the benchmark model, for one extra copy of the weights while the decoder lives (up to 1 GiB of
+  weights, TRANSPOSE_MAX_BYTES). LoRA layers,
   layers with forward hooks and other modules are called as they are;
 - the prefill attends with `scaled_dot_product_attention`. A decode step (one query per row) with a float32
   cache uses two batched matrix products over the filled columns of the cache, seen as
@@ -66,22 +67,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+TRANSPOSE_MAX_BYTES = 2**30
+"""Above this many bytes of linear weights (a 268M-parameter float32 model) the decoder does not make its
+transposed copies: the extra memory would outweigh a 10% faster rollout."""
+
+
 def _transposed_weights(
     model: torch.nn.Module,
 ) -> dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None]]:
     """{layer: (W^T contiguous [in, out], bias)} for every plain nn.Linear of `model`: not LoRA layers, whose
-    adapters must apply, nor subclasses, nor a layer with forward hooks (they must see the call)."""
+    adapters must apply, nor subclasses, nor a layer with forward hooks (they must see the call). Empty when
+    the weights are larger than TRANSPOSE_MAX_BYTES."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return {}
-    return {
-        module: (
-            module.weight.detach().t().contiguous(),
-            None if module.bias is None else module.bias.detach(),
-        )
+    linears = [
+        module
         for module in model.modules()
         if type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+    ]
+    if sum(m.weight.numel() * m.weight.element_size() for m in linears) > TRANSPOSE_MAX_BYTES:
+        return {}
+    return {
+        m: (m.weight.detach().t().contiguous(), None if m.bias is None else m.bias.detach()) for m in linears
     }
 
 

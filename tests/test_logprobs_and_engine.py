@@ -278,6 +278,27 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
                 torch.testing.assert_close(logits[row], reference[len(p) - 1 + j], atol=1e-5, rtol=1e-5)
 
 
+def test_decoder_multiplies_by_transposed_weights_up_to_a_size_cap_with_the_same_logits(
+    tokenizer, monkeypatch
+):
+    from rollouts import llama_decoder
+    from tests.conftest import build_model
+
+    model = build_model(len(tokenizer), initializer_range=0.1).eval()
+    ids, attention = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    logits, copies = [], []
+    for cap in (llama_decoder.TRANSPOSE_MAX_BYTES, 0):
+        monkeypatch.setattr(llama_decoder, "TRANSPOSE_MAX_BYTES", cap)
+        with torch.inference_mode():
+            decoder = llama_decoder.LlamaDecoder(model, 4, 5)
+            logits.append([decoder.prefill(ids, attention, 2), decoder.step(torch.tensor([10, 11, 12, 13]))])
+        copies.append(len(decoder.transposed))
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert copies == [linears, 0]  # every projection and the head under the cap; none over it
+    for with_copies, without in zip(*logits, strict=True):
+        torch.testing.assert_close(with_copies, without, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_and_generic_decoding_sample_the_same_tokens(tiny_model, tokenizer):
     prompts = [tokenizer("What is 12 + 35?")["input_ids"], tokenizer("aaa")["input_ids"]]
     params = SamplingParams(n=3, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7)
