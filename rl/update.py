@@ -3,7 +3,9 @@
 For every micro-batch: the log-probs of the sampled tokens under the current policy (rl/logprobs.py), the
 clipped surrogate with the advantages, optional truncated importance weights and KL to the reference
 (rl/grpo.py), aggregated with the global normalisers so that micro-batches and ranks add up to the
-one-process loss; then gradient clipping and the optimizer step. Also the learning-rate schedule.
+one-process loss; then gradient clipping and the optimizer step. Micro-batches take the samples as they come or
+in order of completion length, whichever pads fewer tokens (`micro_batch_order`). Also the learning-rate
+schedule.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def update_policy(
         # Through the trainer, and as many forwards on every rank (its forward is collective: DDP's buffer
         # broadcast, FSDP's all-gathers); the extra ones repeat a sample.
         with torch.no_grad():
-            chunks = [samples[i : i + micro] for i in range(0, len(samples), micro)]
+            ordered = micro_batch_order(samples, micro)
+            chunks = [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
             for k in range(int(dist.max(len(chunks)))):
                 chunk = chunks[k] if k < len(chunks) else samples[:1]
                 with autocast(config.model, device):
@@ -91,7 +94,8 @@ def update_policy(
                 continue
             # Every rank runs as many forward/backward passes as the busiest one (DDP syncs in each backward);
             # the extra ones are zero-weighted repeats of a sample.
-            chunks = [mini[i : i + micro] for i in range(0, len(mini), micro)]
+            ordered = micro_batch_order(mini, micro)
+            chunks = [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
             real_chunks = len(chunks)
             filler = [(mini or [s for s in samples if s.valid] or samples)[0]]
             chunks += [filler] * (int(dist.max(real_chunks)) - real_chunks)
@@ -149,6 +153,27 @@ def update_policy(
 
 
 @torch.no_grad()
+def micro_batch_order(samples: list[Sample], micro: int) -> list[Sample]:
+    """`samples` in the order that pads the fewest tokens when cut into micro-batches of `micro`: as they come
+    (a group's samples together, so that each micro-batch runs few distinct prompts) or sorted by completion
+    length (each micro-batch pads its completions to similar lengths). The loss is the same in any order (its
+    normalisers count the whole mini-batch); only the order in which gradients are summed changes.
+
+    Cost of an order: over its micro-batches, the distinct prompts' tokens plus rows x longest completion.
+    """
+
+    def padded_tokens(order: list[Sample]) -> int:
+        total = 0
+        for i in range(0, len(order), micro):
+            chunk = order[i : i + micro]
+            prompts = {tuple(s.prompt_ids) for s in chunk}
+            total += sum(map(len, prompts)) + len(chunk) * max(len(s.completion_ids) for s in chunk)
+        return total
+
+    by_length = sorted(samples, key=lambda s: len(s.completion_ids))
+    return by_length if padded_tokens(by_length) < padded_tokens(samples) else samples
+
+
 def reference_logprobs(
     policy: torch.nn.Module, reference: torch.nn.Module | None, batch: PackedBatch, temperature: float
 ) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""The policy update's micro-batching (rl/update.py): the order samples take into micro-batches."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from rl.config import load_config
+from rl.distributed import Distributed
+from rl.logprobs import CompletionLogprobs
+from rl.update import Sample, micro_batch_order, update_policy
+
+
+def _sample(group: int, prompt: list[int], length: int, advantage: float = 1.0) -> Sample:
+    completion = [10 + (group * 7 + length + k) % 40 for k in range(length)]
+    return Sample(group, prompt, completion, [0.0] * length, advantage, True)
+
+
+def test_micro_batch_order_sorts_by_length_only_when_that_pads_fewer_tokens():
+    short_prompts = [_sample(g, [1 + g, 2], n) for g in (0, 1) for n in (1, 9)]
+    # As they come: [1, 9] [1, 9] pad to 2 + 2 x 9 tokens each (40); sorted: [1, 1] [9, 9] cost 4 + 2 and 4 + 18.
+    assert [len(s.completion_ids) for s in micro_batch_order(short_prompts, 2)] == [1, 1, 9, 9]
+    long_prompts = [_sample(g, [1 + g] * 50, n) for g in (0, 1) for n in (1, 2)]
+    # As they come: 50 + 2 x 2 per micro-batch (108); sorted, each runs both 50-token prompts (206).
+    assert micro_batch_order(long_prompts, 2) == long_prompts
+
+
+def test_update_is_the_same_whichever_order_micro_batches_take(tiny_model, tokenizer):
+    lengths = [3, 11, 2, 9, 12, 1, 7, 4]  # sorting regroups these into micro-batches of 2
+    samples = [
+        _sample(i // 4, [5 + i // 4, 6, 7], n, advantage=(-1.0) ** i * (1 + i / 8))
+        for i, n in enumerate(lengths)
+    ]
+    assert micro_batch_order(samples, 2) != samples
+    results = []
+    for micro in (2, len(samples)):  # reordered micro-batches of 2, or one pass over the batch as it is
+        policy = copy.deepcopy(tiny_model)
+        config = load_config(None, [f"train.micro_batch_size={micro}", "rollout.max_new_tokens=12"])
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        dist = Distributed(torch.device("cpu"))
+        trainer = CompletionLogprobs(policy)
+        update_policy(
+            trainer, policy, None, optimizer, scheduler, samples, config, tokenizer.pad_token_id, dist
+        )
+        results.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
+    moved = (results[0] - torch.cat([p.detach().flatten() for p in tiny_model.parameters()])).abs().max()
+    assert moved > 1e-3  # the update did something
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
