@@ -150,13 +150,19 @@ def _shared_prompt_hidden(body: torch.nn.Module, batch: PackedBatch, device: tor
         use_cache=True,
     )
     index = batch.prompt_index.to(device)  # [B]
-    first = out.last_hidden_state[index, -1:]  # [B, 1, H] left padding: the last column is the last token
+    # [B, 1, H]; with left padding the last column is each prompt's last token
+    first = out.last_hidden_state[:, -1:].index_select(0, index)
     comp_len = batch.completion_ids.shape[1]
     if comp_len == 1:
         return first
     # Each sequence gets its prompt's keys and values (an index, so gradients add up over the group).
+    # index_select, not tensor[index]: the latter's backward (index_put_ with accumulate) adds the repeats in
+    # an order that varies between processes with several CPU threads when a micro-batch mixes many prompts.
     cache = DynamicCache(
-        ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in out.past_key_values.layers],
+        ddp_cache_data=[
+            (layer.keys.index_select(0, index), layer.values.index_select(0, index))
+            for layer in out.past_key_values.layers
+        ],
         config=body.config,
     )
     completion_mask = batch.completion_mask[:, :-1].to(device=device, dtype=prompt_mask.dtype)  # [B, T-1]

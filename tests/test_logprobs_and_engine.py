@@ -339,3 +339,39 @@ def test_sampler_draws_tokens_at_their_probabilities_and_never_outside_top_p():
     torch.testing.assert_close(logp, probs.log()[ids])
     ids, _ = _sample_next(logits, 1.0, 0.7, generators, 5_000)  # nucleus: 0.5 + 0.25 reaches 0.7
     assert set(ids.tolist()) == {0, 1}
+
+
+_GRADIENT_HASH = """
+import hashlib, random, sys, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModelForCausalLM
+from rl.logprobs import completion_logprobs, pack
+torch.set_num_threads(2)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1] + "/rl/tiny/model", dtype=torch.float32)
+rng = random.Random(0)
+vocab = model.config.vocab_size
+prompts = [[rng.randrange(5, vocab) for _ in range(rng.randint(8, 14))] for _ in range(16)]
+rows = [(prompts[i % 16], [rng.randrange(5, vocab) for _ in range(rng.randint(6, 60))]) for i in range(64)]
+logprobs, _ = completion_logprobs(model, pack([p for p, _ in rows], [c for _, c in rows], 0))
+logprobs.sum().backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+print(hashlib.md5(grads.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_shared_prompt_gradients_are_the_same_in_every_process_with_two_threads():
+    # The shipped tiny model, rows of 16 prompts interleaved: each prompt's keys are indexed to rows far apart
+    # (as micro-batches in length order have them). Indexing by tensor[index] made these gradients differ
+    # between processes (~1e-9, enough for a run to diverge); index_select sums the repeats in one order.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", _GRADIENT_HASH, root], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(3)
+    }
+    assert len(hashes) == 1, hashes
