@@ -152,7 +152,6 @@ def update_policy(
     return sums.metrics()
 
 
-@torch.no_grad()
 def micro_batch_order(samples: list[Sample], micro: int) -> list[Sample]:
     """`samples` in the order that pads the fewest tokens when cut into micro-batches of `micro`: as they come
     (a group's samples together, so that each micro-batch runs few distinct prompts) or sorted by completion
@@ -174,6 +173,7 @@ def micro_batch_order(samples: list[Sample], micro: int) -> list[Sample]:
     return by_length if padded_tokens(by_length) < padded_tokens(samples) else samples
 
 
+@torch.no_grad()
 def reference_logprobs(
     policy: torch.nn.Module, reference: torch.nn.Module | None, batch: PackedBatch, temperature: float
 ) -> torch.Tensor:
