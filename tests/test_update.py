@@ -48,3 +48,12 @@ def test_update_is_the_same_whichever_order_micro_batches_take(tiny_model, token
     moved = (results[0] - torch.cat([p.detach().flatten() for p in tiny_model.parameters()])).abs().max()
     assert moved > 1e-3  # the update did something
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_reference_logprobs_build_no_graph(tiny_model):
+    from rl.logprobs import pack
+    from rl.update import reference_logprobs
+
+    reference = CompletionLogprobs(copy.deepcopy(tiny_model))
+    logprobs = reference_logprobs(tiny_model, reference, pack([[5, 6]], [[7, 8, 9]], 0), 1.0)
+    assert not logprobs.requires_grad and logprobs.grad_fn is None
