@@ -112,7 +112,6 @@ class LlamaDecoder:
         ]  # [B, KV, T, D] per layer
         self.values = [weight.new_empty(shape, dtype=dtype) for _ in self.inner.layers]
         self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=weight.device)  # key mask
-        self.key_bias = weight.new_zeros((batch, max_len), dtype=dtype)  # 0 where valid, -inf elsewhere
         self.product_attention = dtype == torch.float32  # see the module docstring
         self.kv_heads = kv_heads
         self.gqa = model.config.num_attention_heads != kv_heads
@@ -132,7 +131,6 @@ class LlamaDecoder:
         mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=input_ids.device)
         hidden = self._layers(input_ids, positions, mask[:, None], slice(0, width), copies)
         self.valid[:, :width] = valid.repeat_interleave(copies, 0)
-        self.key_bias[:, :width].masked_fill_(~self.valid[:, :width], float("-inf"))
         self.length = width
         self.positions = positions[:, -1].repeat_interleave(copies, 0) + 1  # [B] of the next token
         logits = self._linear(self.lm_head, self.inner.norm(hidden[:, -1]))  # [P, V]
@@ -142,12 +140,11 @@ class LlamaDecoder:
         """Append one token per row (ids [B]); returns the next logits [B, V]."""
         column = self.length
         self.valid[:, column] = True
-        rows = ids.shape[0]
-        if self.product_attention:  # [B * KV, 1, T]: a row per (sequence, kv head), as the cache is viewed
-            mask = self.key_bias[:, None, : column + 1].expand(rows, self.kv_heads, column + 1)
-            mask = mask.reshape(rows * self.kv_heads, 1, column + 1)
-        else:
-            mask = self.valid[:, None, None, : column + 1]  # [B, 1, 1, T]
+        mask = self.valid[:, None, None, : column + 1]  # [B, 1, 1, T]
+        if self.product_attention:  # additive [B * KV, 1, T]: a row per (sequence, kv head), as in the cache
+            bias = torch.zeros(mask.shape, dtype=self.keys[0].dtype, device=mask.device)
+            bias = bias.masked_fill_(~mask, -torch.inf).expand(-1, self.kv_heads, -1, -1)
+            mask = bias.reshape(-1, 1, column + 1)
         hidden = self._layers(ids[:, None], self.positions[:, None], mask, slice(column, column + 1), None)
         self.length, self.positions = column + 1, self.positions + 1
         return self._linear(self.lm_head, self.inner.norm(hidden[:, -1]))
@@ -181,19 +178,21 @@ class LlamaDecoder:
                 if self.product_attention:
                     out = self._decode_attention(q, keys, values, columns.stop, mask)
                 else:
-                    k, v = keys[:, :, : columns.stop], values[:, :, : columns.stop]
+                    out = self._sdpa(q, keys[:, :, : columns.stop], values[:, :, : columns.stop], mask)
             else:  # prefill: the prompt's own keys serve its attention; the cache gets one copy per sample
                 keys[:, :, columns] = k.repeat_interleave(copies, 0)
                 values[:, :, columns] = v.repeat_interleave(copies, 0)
-            if copies is not None or not self.product_attention:
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa
-                )
+                out = self._sdpa(q, k, v, mask)
             hidden = hidden + self._linear(attn.o_proj, out.transpose(1, 2).reshape(rows, length, -1))
             x, mlp = layer.post_attention_layernorm(hidden), layer.mlp  # Llama's MLP: down(act(gate) * up)
             gated = mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
             hidden = hidden + self._linear(mlp.down_proj, gated)
         return hidden
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa
+        )
 
     def _linear(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """module(x), by the transposed weight when there is one."""
