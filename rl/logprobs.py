@@ -204,11 +204,16 @@ class HeadLogprobs(torch.autograd.Function):
         temperature: float,
         with_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = _scaled_logits(hidden, weight, bias, temperature)  # [n, V] float32
-        normaliser = torch.logsumexp(logits, dim=-1)  # [n]
-        logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
-        if with_entropy:  # H = log Z - sum p z, from the normaliser already at hand
-            entropy = normaliser - (torch.exp(logits - normaliser[:, None]) * logits).sum(-1)
+        logits = _scaled_logits(hidden, weight, bias, temperature)  # [n, V] float32, our own tensor
+        target = logits.gather(-1, targets[:, None]).squeeze(-1)  # [n]
+        top = logits.amax(-1)  # [n]
+        shifted = logits.sub_(top[:, None])  # in place: each [n, V] pass is one fewer tensor to write
+        probs = torch.exp(shifted)  # [n, V] unnormalised
+        total = probs.sum(-1)  # [n]
+        normaliser = top + total.log()  # log Z
+        logprobs = target - normaliser
+        if with_entropy:  # H = log Z - E_p[z], from the same exponentials
+            entropy = normaliser - top - torch.linalg.vecdot(probs, shifted) / total
         else:
             entropy = logits.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
@@ -224,7 +229,7 @@ class HeadLogprobs(torch.autograd.Function):
         amp = torch.autocast(hidden.device.type, dtype=ctx.amp) if ctx.amp else contextlib.nullcontext()
         with amp:
             logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
-        grad = torch.exp(logits - normaliser[:, None]).mul_(-grad_logprobs[:, None])  # -softmax * g
+        grad = logits.sub_(normaliser[:, None]).exp_().mul_(-grad_logprobs[:, None])  # -softmax * g, in place
         grad.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])  # + onehot * g
         if ctx.temperature not in (0.0, 1.0):
             grad /= ctx.temperature
@@ -239,8 +244,8 @@ class HeadLogprobs(torch.autograd.Function):
 def _scaled_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    return logits / temperature if temperature not in (0.0, 1.0) else logits
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # a new tensor, the callers write in it
+    return logits.div_(temperature) if temperature not in (0.0, 1.0) else logits
 
 
 def _chunk(
