@@ -7,12 +7,20 @@ as `python bench_vs_trl.py --worker trl ...`; aha's environment never imports it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_vs_trl import Workload, digit_reward
 
 
-def trl_worker(w: Workload, model_dir: Path, data: Path, steps: int, out_dir: Path) -> dict:
+def trl_worker(
+    w: Workload,
+    model_dir: Path,
+    data: Path,
+    steps: int,
+    out_dir: Path,
+    step_hook: Callable[[], None] | None = None,
+) -> dict:
     import datasets
     import torch
     import transformers
@@ -83,6 +91,8 @@ def trl_worker(w: Workload, model_dir: Path, data: Path, steps: int, out_dir: Pa
                 }
             )
             self.end = now
+            if step_hook:  # bench_vs_trl's operator profile
+                step_hook()
 
     trainer = trl.GRPOTrainer(
         model=str(model_dir),

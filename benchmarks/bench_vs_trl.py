@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +190,14 @@ def build_prompts(w: Workload, tokenizer, path: Path, count: int = 256) -> None:
 # update_tokens, samples.
 
 
-def aha_worker(w: Workload, model_dir: Path, data: Path, steps: int, out_dir: Path) -> dict:
+def aha_worker(
+    w: Workload,
+    model_dir: Path,
+    data: Path,
+    steps: int,
+    out_dir: Path,
+    step_hook: Callable[[], None] | None = None,
+) -> dict:
     import torch
     import transformers
 
@@ -202,6 +210,8 @@ def aha_worker(w: Workload, model_dir: Path, data: Path, steps: int, out_dir: Pa
 
     def timed_log(self, row):  # aha logs once per step, after the step's work
         logged.append((time.perf_counter(), dict(row)))
+        if step_hook:  # bench_vs_trl's operator profile
+            step_hook()
         return original(self, row)
 
     Loggers.log = timed_log
@@ -256,12 +266,17 @@ def worker_main(args: argparse.Namespace) -> None:
     else:  # only ever imported in TRL's environment
         from _trl_worker import trl_worker as fn
     call = (w, Path(spec["model"]), Path(spec["data"]), spec["steps"], Path(spec["out_dir"]))
-    if spec.get("profile"):  # cProfile of the whole training call; the .prof file is read with pstats
+    if spec.get("profile"):  # cProfile (phases, read with pstats) and torch.profiler (operator kinds)
         import cProfile
 
+        from op_profile import OpProfile
+
+        ops = OpProfile(cuda=w.device == "cuda", warmup=spec["warmup"])
         with cProfile.Profile() as prof:
-            result = fn(*call)
+            result = fn(*call, step_hook=ops.step_end)
+        ops.stop()
         prof.dump_stats(spec["profile"])
+        result["op_s_per_step"] = ops.seconds_per_step()
     else:
         result = fn(*call)
     result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -498,21 +513,26 @@ def main() -> None:
 
     figs = {k: summarise(v, args.warmup, w) for k, v in runs.items()}
     print_table(figs)
-    profile = {}
+    profile: dict[str, dict[str, float]] = {}
+    ops: dict[str, dict[str, float]] = {}
     # Profiled processes are extra ones: cProfile slows Python-heavy code, so they stay out of the figures.
     if args.profile:
         for framework, python in (("aha", args.aha_python), ("trl", args.trl_python)):
             prof = workdir / f"{framework}.prof"
             spec = {
                 "workload": dataclasses.asdict(w), "model": str(model_dir), "data": str(data),
-                "steps": args.warmup + steps, "out_dir": str(workdir / f"{framework}-profile"), "profile": str(prof),
+                "steps": args.warmup + steps, "out_dir": str(workdir / f"{framework}-profile"), "profile": str(prof), "warmup": args.warmup,
             }  # fmt: skip
-            run_worker(framework, python, spec, workdir, args.device)
+            result = run_worker(framework, python, spec, workdir, args.device)
             profile[framework] = profile_phases(prof, framework, args.warmup + steps)
-        print(f"\ncProfile, seconds per step (pstats files in {workdir}):")
+            ops[framework] = result["op_s_per_step"]
+        print(f"\ncProfile, seconds per step, warm-up included (pstats files in {workdir}):")
         for phase in dict.fromkeys(p for p, _, _ in PHASES["aha"] + PHASES["trl"]):
             a, t = profile["aha"].get(phase, 0.0), profile["trl"].get(phase, 0.0)
-            print(f"  {phase:26}{a:>10.3f}{t:>10.3f}")
+            print(f"  {phase:30}{a:>10.3f}{t:>10.3f}")
+        print("torch.profiler, seconds per measured step by kind of operator (benchmarks/op_profile.py):")
+        for kind in ops["aha"]:
+            print(f"  {kind:30}{ops['aha'][kind]:>10.3f}{ops['trl'][kind]:>10.3f}")
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -532,6 +552,7 @@ def main() -> None:
         "speedup_steps_per_s": figs["trl"]["s_per_step"] / figs["aha"]["s_per_step"],
         "trl_prompt_tokens_seen": [r.get("prompt_tokens_seen") for r in runs["trl"]],
         "profile_s_per_step": profile,
+        "op_kinds_s_per_step": ops,
         "runs": runs,
     }
     if args.device == "cuda":

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_vs_trl  # noqa: E402
+import op_profile  # noqa: E402
 
 
 def test_efficiency_reports_mfu_and_the_decode_floor_by_hand():
@@ -32,3 +33,41 @@ def test_cpu_limits_are_measured_as_positive_rates():
     w = bench_vs_trl.Workload(hidden=64, intermediate=128, micro_batch=4, max_new_tokens=16, threads=1)
     limits = bench_vs_trl.measure_cpu_limits(w, seconds=0.05)
     assert limits["matmul_gflops"] > 0.1 and limits["read_gbs"] > 0.1 and limits["threads"] == 1
+
+
+def test_operator_time_is_summed_by_kind_and_the_rest_is_outside_operators():
+    events = [
+        ("aten::mm", 0.5),
+        ("aten::addmm", 0.25),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 0.125),
+        ("aten::copy_", 0.0625),
+        ("aten::mul", 0.03125),
+        ("autograd::engine::evaluate_function: MmBackward0", 9.0),  # not an operator: the framework's time
+    ]
+    got = op_profile.seconds_by_kind(events, total_s=1.0)
+    assert got == {
+        "matrix products": 0.75,
+        "attention kernels": 0.125,
+        "copies and allocation": 0.0625,
+        "elementwise and reductions": 0.03125,
+        "outside operators": 1.0 - 0.96875,
+    }
+    assert op_profile.seconds_by_kind([("aten::mm", 2.0)], total_s=1.0)["outside operators"] == 0.0
+
+
+def test_op_profile_covers_the_steps_after_the_warm_up():
+    import torch
+
+    a = torch.randn(256, 256)
+    prof = op_profile.OpProfile(cuda=False, warmup=1)
+    for step in range(3):
+        for _ in range(4 if step == 0 else 1):  # the warm-up step does 4 products, the others 1 each
+            a @ a
+        prof.step_end()
+    prof.stop()
+    got = prof.seconds_per_step()
+    assert got["matrix products"] > 0
+    assert prof.ends[0] <= prof.opened <= prof.ends[1]  # the window opens when the warm-up step ends
+    assert sum(got.values()) == pytest.approx((prof.ends[-1] - prof.opened) / 2)
+    products = [e for e in prof.profiler.key_averages() if e.key == "aten::mm"]
+    assert products[0].count == 2  # the profiled steps' products only
