@@ -460,7 +460,11 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, help="torch threads per trainer (0 = one per core; default 1 on CPU)"
     )
-    p.add_argument("--profile", action="store_true", help="also cProfile one extra process of each framework")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one extra process of each framework: phases, operator kinds",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override Workload fields")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--hbm-tbs", type=float, default=3.35, help="GPU memory bandwidth, TB/s (H100 SXM: 3.35)")
