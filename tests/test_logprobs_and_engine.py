@@ -245,7 +245,9 @@ def _lora(model: torch.nn.Module) -> torch.nn.Module:
     return lora.eval()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama_bias_linear_rope", "llama_mha", "qwen2_lora"])
+@pytest.mark.parametrize(
+    "arch", ["qwen2", "llama", "llama_bias_linear_rope", "llama_dynamic_rope", "llama_mha", "qwen2_lora"]
+)
 def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
     from rollouts.llama_decoder import LlamaDecoder, unsupported_reason
     from tests.conftest import build_model
@@ -258,6 +260,10 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
             attention_bias=True,
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
         ),
+        "llama_dynamic_rope": lambda: _llama(  # frequencies that depend on the length: no rotary table
+            tokenizer,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        ),
         "llama_mha": lambda: _llama(tokenizer, num_key_value_heads=4),
         "qwen2_lora": lambda: _lora(build_model(len(tokenizer), initializer_range=0.1)),
     }[arch]()
@@ -268,6 +274,7 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         decoder = LlamaDecoder(model, len(prompts) * copies, width + 3)
+        assert (decoder.rotary_table is None) == (arch == "llama_dynamic_rope")
         got = [decoder.prefill(ids, attention, copies)]
         for column in range(3):
             got.append(decoder.step(torch.tensor([appended[i // copies][column] for i in range(4)])))
@@ -278,7 +285,7 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
                 torch.testing.assert_close(logits[row], reference[len(p) - 1 + j], atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_multiplies_by_transposed_weights_up_to_a_size_cap_with_the_same_logits(
+def test_decoder_multiplies_by_transposed_and_fused_weights_up_to_a_size_cap_with_the_same_logits(
     tokenizer, monkeypatch
 ):
     from rollouts import llama_decoder
@@ -292,9 +299,12 @@ def test_decoder_multiplies_by_transposed_weights_up_to_a_size_cap_with_the_same
         with torch.inference_mode():
             decoder = llama_decoder.LlamaDecoder(model, 4, 5)
             logits.append([decoder.prefill(ids, attention, 2), decoder.step(torch.tensor([10, 11, 12, 13]))])
-        copies.append(len(decoder.transposed))
+        copies.append((len(decoder.transposed), len(decoder.fused_qkv)))
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-    assert copies == [linears, 0]  # every projection and the head under the cap; none over it
+    layers = len(model.model.layers)
+    # Under the cap every projection and the head has a transposed copy, each layer's q, k and v side by side
+    # in one; over it none.
+    assert copies == [(linears - 3 * layers, layers), (0, 0)]
     for with_copies, without in zip(*logits, strict=True):
         torch.testing.assert_close(with_copies, without, atol=1e-5, rtol=1e-5)
 
