@@ -198,7 +198,7 @@ def _sample_next(
         logp = torch.log_softmax(logits, dim=-1)  # [B, V]
         ids = logits.argmax(dim=-1)
         return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # [B, V]
     probs = logp.exp()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
