@@ -18,8 +18,8 @@ rotary table):
   layers with forward hooks and other modules are called as they are. A layer whose q, k and v projections
   all have copies gets them side by side instead: one product, and one rotation of the q and k heads together;
 - fewer small calls per step, with the same arithmetic: the rotary cos/sin come from a table made once (for
-  the rope types that depend on the position alone), and transformers' float32 RMS norms run as one
-  `rms_norm` call each. A decode step of 32 rows runs about 200 operators, so on a CPU the calls themselves
+  the rope types that depend on the position alone), and on a CPU transformers' float32 RMS norms run as
+  one `rms_norm` call each. A decode step of 32 rows runs about 200 operators, so on a CPU the calls themselves
   cost as much as some of the products: together with the fused q/k/v, 1.04-1.06x the rollout of the
   benchmark model, logits bitwise equal;
 - the prefill attends with `scaled_dot_product_attention`. A decode step (one query per row) with a float32
@@ -158,10 +158,11 @@ class LlamaDecoder:
         if getattr(rotary, "rope_type", "default") in ("default", "linear", "llama3", "yarn"):
             cos, sin = rotary(weight.new_empty(()), torch.arange(max_len, device=weight.device)[None])
             self.rotary_table = (cos[0], sin[0])  # in the embeddings' dtype, as the layers get them
-        # transformers' RMS norms, done by one rms_norm call with the same float32 arithmetic (not under autocast,
-        # which may run rms_norm in another dtype than the module's explicit float32)
+        # On a CPU, transformers' RMS norms as one rms_norm call: the same float32 arithmetic (checked bitwise).
+        # Not under autocast, which may run rms_norm in another dtype than the module's explicit float32, nor
+        # on a GPU, where rms_norm is a fused kernel that may sum in another order than the trainer's norm.
         self.plain_norms = set()
-        if not torch.is_autocast_enabled(weight.device.type):
+        if weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             self.plain_norms = {
                 m
                 for m in model.modules()
