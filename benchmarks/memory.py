@@ -16,8 +16,8 @@ allocated before it (the weights); on CPU, the process's resident memory sampled
 (`/proc/self/statm`), and before it. CPU workers run with glibc's `MALLOC_MMAP_THRESHOLD_=65536`: every
 block of 64 KiB or more is mapped on allocation and unmapped when freed, so resident memory is the memory
 in use; with glibc's default, freed blocks stay in the heap, and the same LoRA step measured 4.7-5.8 GiB
-from run to run instead of one figure every time. The step's own memory is the difference: gradients, optimizer state
-(created at the first step) and activations. Figures are printed and, with --json, written.
+from run to run instead of one figure every time. The step's own memory is the difference: gradients,
+optimizer state (created at the first step) and activations. Figures are printed and, with --json, written.
 """
 
 from __future__ import annotations

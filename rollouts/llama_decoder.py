@@ -14,14 +14,14 @@ rotary table):
 - on a CPU, each plain `nn.Linear` multiplies by a transposed copy of its weight made once per decoder
   (`x @ W^T` as an [in, out] matrix): MKL's small-batch product is faster in that layout, 11% of the whole
   rollout on the benchmark model, for one extra copy of the weights while the decoder lives (up to 1 GiB of
-  weights, TRANSPOSE_MAX_BYTES). LoRA layers,
-  layers with forward hooks and other modules are called as they are. A layer whose q, k and v projections
-  all have copies gets them side by side instead: one product, and one rotation of the q and k heads together;
+  weights, TRANSPOSE_MAX_BYTES). LoRA layers, layers with forward hooks and other modules are called as
+  they are. A layer whose q, k and v projections all have copies gets them side by side instead: one
+  product, and one rotation of the q and k heads together;
 - fewer small calls per step, with the same arithmetic: the rotary cos/sin come from a table made once (for
   the rope types that depend on the position alone), and on a CPU transformers' float32 RMS norms run as
-  one `rms_norm` call each. A decode step of 32 rows runs about 200 operators, so on a CPU the calls themselves
-  cost as much as some of the products: together with the fused q/k/v, 1.04-1.06x the rollout of the
-  benchmark model, logits bitwise equal;
+  one `rms_norm` call each. A decode step of 32 rows runs about 200 operators, so on a CPU the calls
+  themselves cost as much as some of the products: together with the fused q/k/v, 1.04-1.06x the rollout of
+  the benchmark model, logits bitwise equal;
 - the prefill attends with `scaled_dot_product_attention`. A decode step (one query per row) with a float32
   cache uses two batched matrix products over the filled columns of the cache, seen as
   [rows x kv_heads, columns, head_dim] without a copy, and an additive key mask for left padding: on a CPU
