@@ -2,14 +2,23 @@
 
 One call runs one program: ``run_python(files, mode, stdin, limits)`` starts
 ``bwrap ... python -I runner.py MODE`` (see ``_sandbox_runner.py``), feeds it ``stdin``, and returns its
-capped output, exit status and whether it timed out. ``rewards.code`` builds the programs and scores them.
+capped output, exit status and whether it timed out. ``python`` is the trainer's interpreter
+(``sys.executable``) unless the ``python=`` argument names another. ``rewards.code`` builds the programs and
+scores them.
 
 What the sandbox covers (each property has a hostile test in ``tests/test_sandbox.py``):
 
 - **Host files are read-only.** The program sees ``/`` as a read-only bind mount; it can write only a
-  private ``/tmp`` (a size-capped tmpfs that disappears with it). ``/root``, ``/home``, ``$HOME``, the
-  trainer's working directory and ``/run`` are replaced by empty read-only directories (the Python
-  installation is bound back in, read-only, where it lives under one of them).
+  private ``/tmp`` (a size-capped tmpfs that disappears with it; ``/dev/shm`` likewise). ``/root``,
+  ``/home``, ``$HOME``, the trainer's working directory and ``/run`` are replaced by empty read-only
+  directories (one under ``/tmp`` needs no such cover: the private ``/tmp`` hides it).
+- **The interpreter is bound back, and nothing more.** Where the interpreter's prefixes, executable or
+  site-packages lie under ``/tmp`` (a virtual environment there, common on CI machines) or a hidden
+  directory (``/root/.pyenv``, ``~/venv``), exactly those paths are bound back in, read-only, after the
+  private ``/tmp`` and the empty directories are mounted: the rest of the real ``/tmp`` or the home stays
+  out of sight, and a hidden directory inside a bound path (a working directory inside the virtual
+  environment) is hidden again. An interpreter that needs a hidden directory itself (a virtual
+  environment that *is* the working directory, or ``/tmp``) is refused with an error.
 - **No capabilities.** bwrap drops every capability (``--cap-drop ALL``), and ``--disable-userns`` (bwrap
   0.8+) runs the program in a nested user namespace where its mounts are locked; seccomp denies
   ``unshare``/``setns``, so it cannot make a user namespace to get capabilities back. Either of the first
@@ -34,7 +43,8 @@ What it does **not** cover:
 
 - Kernel exploits: bwrap relies on the kernel's namespaces and seccomp; a kernel bug can break out.
 - Reading host files outside the hidden directories that the sandbox's user may read (``/etc``,
-  ``/usr``, ``/opt``, ``/var``, other mounted data). Keep secrets in the hidden directories.
+  ``/usr``, ``/opt``, ``/var``, other mounted data). Keep secrets in the hidden directories, and not in
+  the interpreter's installation (its prefixes and site-packages are readable wherever they live).
 - Side channels and timing, CPU contention with the trainer (bound it with ``workers``).
 - Tampering with the test harness from inside the program's own interpreter. Assert tests run in the
   solution's process (they call its functions), so a program written to subvert them (walking stack
@@ -50,6 +60,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import selectors
 import shutil
@@ -125,9 +136,10 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
-def check_sandbox(unsandboxed: bool = False) -> None:
+def check_sandbox(unsandboxed: bool = False, python: str | None = None) -> None:
     """Raise RewardError (with install instructions) when code cannot be sandboxed and the recipe did not
-    opt into unsandboxed mode; warn when it did."""
+    opt into unsandboxed mode; warn when it did. ``python`` is the interpreter the programs will run with
+    (default ``sys.executable``), as for ``run_python``."""
     if unsandboxed:
         warnings.warn(
             "code reward: running model-written programs WITHOUT a sandbox (unsandboxed: true). Only rlimits, "
@@ -137,22 +149,58 @@ def check_sandbox(unsandboxed: bool = False) -> None:
         return
     if bwrap_path() is None:
         raise RewardError(f"bwrap not found. {INSTALL_HINT}")
-    _smoke_test()
+    _smoke_test(python or sys.executable)
 
 
 @cache
-def _smoke_test() -> None:
-    """Run one trivial program in the sandbox, once per process: a bwrap that cannot start here (no user
-    namespaces, an AppArmor policy) must fail loudly now, not score every program 0.0 later."""
-    result = run_python({"solution.py": b"print('ok')"}, "stdio", b"", Limits(timeout_s=60))
+def _smoke_test(python: str) -> None:
+    """Run one trivial program in the sandbox, once per process and interpreter: a bwrap that cannot start
+    here (no user namespaces, an AppArmor policy) or cannot start the interpreter must fail loudly now, not
+    score every program 0.0 later."""
+    result = run_python({"solution.py": b"print('ok')"}, "stdio", b"", Limits(timeout_s=60), python=python)
     if result.returncode != 0 or result.stdout != b"ok\n":
-        detail = result.stderr.decode(errors="replace").strip()[-1000:] or f"exit status {result.returncode}"
-        raise RewardError(
-            f"bwrap is installed but cannot run a sandboxed program on this machine: {detail}\n"
-            "bwrap needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 "
-            "also kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap). "
+        raise RewardError(_smoke_test_error(result, python))
+
+
+# bwrap's own errors when it may not create namespaces or mount (sysctl, AppArmor, a container's seccomp):
+# "setting up uid map: Permission denied", "No permissions to create new namespace, ...",
+# "Creating new namespace failed: ...", "Can't mount proc on /newroot/proc: Operation not permitted".
+_NAMESPACE_ERRORS = re.compile(
+    r"namespace|uid map|gid map|unshare|Operation not permitted|Permission denied|Can't mount|capset", re.I
+)
+_USERNS_HINT = (
+    "bwrap needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 "
+    "also kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap; in a container, "
+    "one that allows user namespaces and mounts). "
+)
+
+
+def _smoke_test_error(result: RunResult, python: str) -> str:
+    """The error for a failed smoke test: what actually failed, in bwrap's (or Python's) own words, with a
+    hint that fits. User namespaces are blamed only when bwrap's error is about namespaces or permissions.
+
+    Example: stderr ``bwrap: execvp /tmp/v/bin/python: No such file or directory`` gives ``"code sandbox:
+    bwrap could not start the Python interpreter /tmp/v/bin/python inside the sandbox: bwrap: execvp ..."``.
+    """
+    stderr = result.stderr.decode(errors="replace").strip()
+    detail = stderr[-1000:] or f"exit status {result.returncode}, stdout {result.stdout[:200]!r}"
+    if result.timed_out:
+        detail = f"timed out after {result.seconds:.0f} s; {detail}"
+    bwrap_errors = [line for line in stderr.splitlines() if line.startswith("bwrap:")]
+    if any("execvp" in line for line in bwrap_errors):
+        return (
+            f"code sandbox: bwrap could not start the Python interpreter {python} inside the sandbox: "
+            f"{detail}\nInside, /tmp is private and /root, /home, $HOME, the working directory and /run are "
+            "hidden; only the interpreter's prefixes, executable and site-packages are bound back."
+        )
+    if any(_NAMESPACE_ERRORS.search(line) for line in bwrap_errors):
+        return (
+            f"bwrap is installed but cannot set up a sandbox on this machine: {detail}\n"
+            + _USERNS_HINT
             + INSTALL_HINT
         )
+    where = "bwrap" if bwrap_errors else f"the Python interpreter {python} in the sandbox"
+    return f"code sandbox: a trivial program failed; {where} reported: {detail}"
 
 
 @cache
@@ -213,48 +261,100 @@ def seccomp_filter() -> bytes | None:
 # --- the bwrap command line ---------------------------------------------------------------------------------
 
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev")
+_PRIVATE_DIRS = ("/tmp", "/dev/shm")  # each a fresh tmpfs inside the sandbox: nothing of the host's shows
 
 
 def _is_under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def _outermost(paths: list[str]) -> list[str]:
+    """``paths`` without those that lie under another one, sorted."""
+    return sorted({p for p in paths if not any(_is_under(p, o) and p != o for o in paths)})
+
+
+def _hide_candidates() -> list[str]:
+    """Homes, the trainer's working directory (where configs and ``.env`` files live) and ``/run``
+    (container secrets), resolved; system directories and ``/`` are never hidden."""
+    out = []
+    for d in ["/root", "/home", os.path.expanduser("~"), os.getcwd(), "/run"]:
+        d = os.path.realpath(d)
+        if (
+            d != "/"
+            and os.path.isdir(d)
+            and not any(_is_under(d, s) or _is_under(s, d) for s in _SYSTEM_DIRS)
+        ):
+            out.append(d)
+    return sorted(set(out))
+
+
 def hidden_dirs() -> list[str]:
     """Host directories replaced by empty read-only ones inside the sandbox: homes, the trainer's working
-    directory (where configs and ``.env`` files live) and ``/run`` (container secrets)."""
-    candidates = ["/root", "/home", os.path.expanduser("~"), os.getcwd(), "/run"]
-    out = []
-    for d in candidates:
-        d = os.path.realpath(d)
-        if d == "/" or not os.path.isdir(d) or any(_is_under(d, s) or _is_under(s, d) for s in _SYSTEM_DIRS):
-            continue
-        if not any(_is_under(d, o) for o in out):
-            out = [o for o in out if not _is_under(o, d)] + [d]
-    return sorted(out)
+    directory and ``/run``. One under ``/tmp`` or ``/dev/shm`` is left out: the sandbox's private tmpfs
+    there already hides it (and a read-only one over ``/tmp`` would leave the program nowhere to write)."""
+    return _outermost([d for d in _hide_candidates() if not any(_is_under(d, p) for p in _PRIVATE_DIRS)])
 
 
-def _python_paths() -> list[str]:
-    """Directories the interpreter needs: its prefixes, its executable's directory and its site-packages
-    (not other ``sys.path`` entries, which may be the very project directory that is hidden)."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths |= {os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable)}
-    paths |= {p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")}
-    return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
+_PYTHON_PATHS = """
+import json, os, sys
+paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sys.executable]
+paths += [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+print(json.dumps(paths))
+"""
 
 
-def _bwrap_command(data_fds: dict[str, int], seccomp_fd: int | None, limits: Limits) -> list[str]:
+@cache
+def _python_paths(python: str) -> list[str]:
+    """What ``python -I`` needs, as that interpreter reports it: its prefixes, its executable and its
+    site-packages (not other ``sys.path`` entries, which may be the very project directory that is hidden).
+    Each as given and resolved, so a path through a symlink works inside the sandbox too."""
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", _PYTHON_PATHS], capture_output=True, text=True, env=dict(_ENV), timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RewardError(f"code sandbox: cannot start the Python interpreter {python!r}: {e}") from e
+    if out.returncode != 0:
+        raise RewardError(
+            f"code sandbox: the Python interpreter {python!r} failed: {out.stderr.strip()[-1000:]}"
+        )
+    reported = json.loads(out.stdout.strip().splitlines()[-1])  # the last line: a sitecustomize may print
+    paths = [os.path.abspath(p) for p in reported if p and os.path.exists(p)]
+    return sorted({q for p in paths for q in (p, os.path.realpath(p))})
+
+
+def _mount_args(python: str) -> list[str]:
+    """Hide homes, the working directory and ``/run``; bind the interpreter's paths back read-only where
+    they lie under those or the private ``/tmp``/``/dev/shm`` (only those paths: nothing else of the real
+    ``/tmp`` or a home shows); then hide again any such directory that lies inside a bound path."""
+    hidden = hidden_dirs()
+    hide = [*_PRIVATE_DIRS, *_hide_candidates()]
+    needed = [p for p in _python_paths(python) if any(_is_under(p, h) for h in hide)]
+    binds = _outermost(needed)
+    rehide = [d for d in hide if any(_is_under(d, b) and d != b for b in binds)]
+    clash = [p for p in needed if p in hide or any(_is_under(p, d) for d in rehide)]
+    if clash:
+        raise RewardError(
+            f"code sandbox: the Python interpreter {python!r} needs {clash[0]}, which is (or lies in) a "
+            f"directory the sandbox hides ({', '.join(hide)}); binding it back would show that directory to "
+            "the programs. "
+            "Install Python (or its virtual environment) in a directory of its own, outside the trainer's "
+            "working directory."
+        )
+    args = [arg for d in hidden for arg in ("--tmpfs", d)]
+    args += [arg for p in binds for arg in ("--ro-bind", p, p)]
+    args += [arg for d in rehide for arg in ("--tmpfs", d)]
+    return args + [arg for d in [*hidden, *rehide] for arg in ("--remount-ro", d)]
+
+
+def _bwrap_command(
+    data_fds: dict[str, int], seccomp_fd: int | None, limits: Limits, python: str
+) -> list[str]:
     feats = _bwrap_features()
     size = lambda mb: ["--size", str(mb * 1024 * 1024)] if "--size" in feats else []  # noqa: E731
     cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     cmd += [*size(limits.tmp_size_mb), "--tmpfs", "/tmp", *size(limits.tmp_size_mb), "--tmpfs", "/dev/shm"]
-    hidden = hidden_dirs()
-    for d in hidden:
-        cmd += ["--tmpfs", d]
-    for p in _python_paths():
-        if any(_is_under(p, d) for d in hidden):
-            cmd += ["--ro-bind", p, p]
-    for d in hidden:
-        cmd += ["--remount-ro", d]
+    cmd += _mount_args(python)  # after the private /tmp: bwrap mounts in order, so the binds show through it
     for name, fd in data_fds.items():
         cmd += ["--ro-bind-data", str(fd), f"{_INSIDE}/{name}"]
     cmd += ["--chdir", "/tmp", "--unshare-all", "--unshare-user", "--hostname", "sandbox"]
@@ -290,26 +390,34 @@ def _limits_json(limits: Limits) -> str:
 
 
 def run_python(
-    files: dict[str, bytes], mode: str, stdin: bytes, limits: Limits, *, sandboxed: bool = True
+    files: dict[str, bytes],
+    mode: str,
+    stdin: bytes,
+    limits: Limits,
+    *,
+    sandboxed: bool = True,
+    python: str | None = None,
 ) -> RunResult:
-    """Run ``runner.py MODE`` on ``files`` (``solution.py`` and, for mode ``asserts``, ``tests.json``).
+    """Run ``runner.py MODE`` on ``files`` (``solution.py`` and, for mode ``asserts``, ``tests.json``) as
+    ``python -I``, where ``python`` is the interpreter's path (default ``sys.executable``: the trainer's own).
+    Wherever it lives, under ``/tmp`` or a hidden directory included, the sandbox binds it back read-only.
 
     Example: ``run_python({"solution.py": b"print(input())"}, "stdio", b"hi\\n", Limits())``
     returns ``RunResult(returncode=0, stdout=b"hi\\n", ...)``.
     """
-    files = {**files, "runner.py": _RUNNER}
+    files, python = {**files, "runner.py": _RUNNER}, os.path.abspath(python or sys.executable)
     if not sandboxed:
         with tempfile.TemporaryDirectory(prefix="aha-unsandboxed-") as root:
             for name, data in files.items():
                 Path(root, name).write_bytes(data)
-            argv = [sys.executable, "-I", f"{root}/runner.py", mode, root, _limits_json(limits)]
+            argv = [python, "-I", f"{root}/runner.py", mode, root, _limits_json(limits)]
             return _run(argv, stdin, limits, pass_fds=(), cwd=root)
     fds = {name: _memfd(name, data) for name, data in files.items()}
     bpf = seccomp_filter()
     seccomp_fd = _memfd("seccomp", bpf) if bpf is not None else None
     try:
-        cmd = _bwrap_command(fds, seccomp_fd, limits)
-        argv = cmd + ["--", sys.executable, "-I", f"{_INSIDE}/runner.py", mode, _INSIDE, _limits_json(limits)]
+        cmd = _bwrap_command(fds, seccomp_fd, limits, python)
+        argv = cmd + ["--", python, "-I", f"{_INSIDE}/runner.py", mode, _INSIDE, _limits_json(limits)]
         extra = () if seccomp_fd is None else (seccomp_fd,)
         return _run(argv, stdin, limits, pass_fds=(*fds.values(), *extra), cwd="/")
     finally:
@@ -349,7 +457,7 @@ def _run(argv: list[str], stdin: bytes, limits: Limits, *, pass_fds: tuple, cwd:
         timed_out = timed_out or (rusage is None and not capped)
     finally:
         if proc.returncode is None:
-            rusage = _kill(proc)
+            _kill(proc)
         for stream in (proc.stdout, proc.stderr):
             stream.close()
         if stdin_file is not None:
@@ -403,12 +511,11 @@ def _reap(proc: subprocess.Popen, deadline: float) -> resource.struct_rusage | N
         delay = min(0.02, delay * 2)
 
 
-def _kill(proc: subprocess.Popen) -> resource.struct_rusage:
+def _kill(proc: subprocess.Popen) -> None:
     """SIGKILL bwrap's process group; ``--die-with-parent`` and the PID namespace take the rest with it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    _, status, rusage = os.wait4(proc.pid, 0)
+    _, status = os.waitpid(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return rusage

@@ -5,6 +5,7 @@ that the host is unharmed: files, processes, memory, network, environment. Limit
 whole file runs in seconds.
 """
 
+import json
 import os
 import resource
 import secrets
@@ -12,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+import rewards
+from rewards import RewardError, sandbox
 from rewards.code import code_reward
-from rewards.sandbox import Limits, run_python
+from rewards.sandbox import Limits, RunResult, check_sandbox, run_python
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bwrap") is None and not os.environ.get("CI"),
@@ -28,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 FAST = {"timeout": 2.0, "memory_mb": 256}
+FAST_LIMITS = Limits(timeout_s=5, memory_mb=256)
 
 
 def score(program: str, tests, **options) -> float:
@@ -302,3 +307,140 @@ def test_exiting_before_the_tests_run_does_not_count_as_a_pass(program):
     stdio = [{"input": "", "output": ""}]  # an empty expected output: exiting 0 early is not enough...
     assert score(program + "\nprint('unreachable')", [{"input": "", "output": "ok"}]) == 0.0
     assert score("print('ok')", stdio) == 0.0  # ...and a wrong output fails
+
+
+# --- an interpreter under /tmp (a virtual environment there, as on many CI machines) ----------------------
+
+
+@pytest.fixture(scope="module")
+def tmp_python():
+    """The interpreter of a fresh virtual environment in ``/tmp/aha-venv-*/venv``; beside it lies a file the
+    sandbox must not show (binding the interpreter back must not bring the rest of the real /tmp with it)."""
+    root = Path(tempfile.mkdtemp(prefix="aha-venv-", dir="/tmp"))
+    try:
+        venv = root / "venv"
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
+        )
+        (root / "beside.txt").write_text("beside the venv")
+        yield str(venv / "bin" / "python")
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_trainer_running_from_an_interpreter_under_tmp_can_sandbox_programs(tmp_python):
+    # The trainer itself runs on the /tmp interpreter, so the sandbox's default (sys.executable) is that one.
+    script = (
+        "from rewards.sandbox import Limits, check_sandbox, run_python\n"
+        "check_sandbox()\n"
+        "result = run_python({'solution.py': b'import sys; print(sys.prefix)'}, 'stdio', b'', Limits())\n"
+        "print(result.returncode, result.stdout.decode().strip(), result.stderr.decode())\n"
+    )
+    paths = [str(Path(rewards.__file__).parents[1]), *(p for p in sys.path if p)]  # the trainer's imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    out = subprocess.run([tmp_python, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", str(Path(tmp_python).parents[1])]
+
+
+def test_an_interpreter_under_tmp_shows_nothing_else_of_tmp_and_is_read_only(tmp_python):
+    venv = Path(tmp_python).parents[1]
+    host_dir = Path(tempfile.mkdtemp(prefix="aha-sandbox-", dir="/var/tmp"))
+    loose = Path(tempfile.mkstemp(prefix="aha-loose-", dir="/tmp")[1])  # a file directly in the real /tmp
+    try:
+        host_dir.chmod(0o777)
+        before = sorted(p.relative_to(venv) for p in venv.rglob("*"))
+        program = f"""
+import json, os, socket, sys
+def attempt(action):
+    try:
+        action()
+        return True
+    except OSError:
+        return False
+print(json.dumps({{
+    "prefix": sys.prefix,
+    "own_tmp": attempt(lambda: open('/tmp/mine.txt', 'w').write('ok')),
+    "into_venv": attempt(lambda: open('{venv}/pwned.txt', 'w').write('pwned')),
+    "venv_bin": attempt(lambda: os.remove('{tmp_python}')),
+    "host": attempt(lambda: open('{host_dir}/pwned.txt', 'w').write('pwned')),
+    "beside": attempt(lambda: open('{venv.parent}/beside.txt').read()),
+    "loose": attempt(lambda: open('{loose}').read()),
+    "listing": sorted(os.listdir('/tmp')) + sorted(os.listdir('{venv.parent}')),
+    "fork": attempt(os.fork),
+    "network": attempt(lambda: socket.create_connection(('1.1.1.1', 53), timeout=0.5)),
+}}))
+"""
+        result = run_python({"solution.py": program.encode()}, "stdio", b"", FAST_LIMITS, python=tmp_python)
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen.pop("prefix") == str(venv) and seen.pop("own_tmp")  # it ran on the /tmp interpreter
+        assert seen.pop("listing") == sorted([".aha", venv.parent.name, "mine.txt"]) + ["venv"]
+        assert not any(seen.values()), seen  # no writes outside its /tmp, no other /tmp file, fork, network
+        assert sorted(p.relative_to(venv) for p in venv.rglob("*")) == before
+        assert list(host_dir.iterdir()) == []
+    finally:
+        shutil.rmtree(host_dir)
+        loose.unlink()
+
+
+def test_a_working_directory_inside_the_bound_interpreter_stays_hidden(tmp_python, monkeypatch):
+    workdir = Path(tmp_python).parents[1] / "src" / "project"  # e.g. a package checked out by pip -e
+    workdir.mkdir(parents=True)
+    (workdir / ".env").write_text("API_KEY=secret\n")
+    monkeypatch.chdir(workdir)
+    try:
+        program = f"import os\nprint(os.listdir('{workdir}'))"
+        result = run_python({"solution.py": program.encode()}, "stdio", b"", FAST_LIMITS, python=tmp_python)
+        assert (result.returncode, result.stdout) == (0, b"[]\n"), result.stderr
+    finally:
+        shutil.rmtree(workdir.parent)
+
+
+def test_an_interpreter_that_is_the_working_directory_is_refused(tmp_python, monkeypatch):
+    monkeypatch.chdir(Path(tmp_python).parents[1])  # binding the interpreter back would show all of it
+    with pytest.raises(
+        RewardError, match="needs .*aha-venv-.*/venv, which is .* a directory the sandbox hides"
+    ):
+        run_python({"solution.py": b"print(1)"}, "stdio", b"", FAST_LIMITS, python=tmp_python)
+
+
+@pytest.mark.parametrize("workdir", ["/tmp", "home"])
+def test_a_working_directory_or_home_under_tmp_leaves_tmp_writable(workdir, monkeypatch):
+    monkeypatch.chdir("/tmp")  # hidden_dirs() once made the program's private /tmp read-only here
+    if workdir == "home":
+        monkeypatch.setenv("HOME", "/tmp")
+    program = "open('/tmp/mine.txt', 'w').write('ok')\nprint(open('/tmp/mine.txt').read())"
+    result = run_python({"solution.py": program.encode()}, "stdio", b"", FAST_LIMITS)
+    assert (result.returncode, result.stdout) == (0, b"ok\n"), result.stderr
+
+
+def test_smoke_test_reports_the_interpreter_it_could_not_start(tmp_python, monkeypatch):
+    monkeypatch.setattr(sandbox, "_python_paths", lambda python: [])  # as before the fix: nothing bound back
+    sandbox._smoke_test.cache_clear()
+    try:
+        with pytest.raises(RewardError) as error:
+            check_sandbox(python=tmp_python)
+    finally:
+        sandbox._smoke_test.cache_clear()
+    message = str(error.value)
+    assert f"could not start the Python interpreter {tmp_python}" in message
+    assert f"bwrap: execvp {tmp_python}: No such file or directory" in message  # bwrap's own words
+    assert "user namespaces" not in message
+
+
+@pytest.mark.parametrize(
+    ("stderr", "expected", "unexpected"),
+    [
+        (b"bwrap: setting up uid map: Permission denied", "user namespaces", "could not start"),
+        (b"bwrap: No permissions to create new namespace, likely because ...", "user namespaces", "start"),
+        (b"bwrap: Creating new namespace failed: Operation not permitted", "user namespaces", "start"),
+        (b"bwrap: Can't mount proc on /newroot/proc: Operation not permitted", "user namespaces", "start"),
+        (b"bwrap: execvp /x/bin/python: Permission denied", "could not start the Python", "namespaces"),
+        (b"bwrap: Can't find source path /x: No such file or directory", "bwrap reported", "namespaces"),
+        (b"Fatal Python error: init_fs_encoding", "the Python interpreter /x/bin/python in", "namespaces"),
+    ],
+)
+def test_smoke_test_error_blames_user_namespaces_only_for_namespace_errors(stderr, expected, unexpected):
+    message = sandbox._smoke_test_error(RunResult(returncode=1, stdout=b"", stderr=stderr), "/x/bin/python")
+    assert stderr.decode() in message and expected in message and unexpected not in message
