@@ -7,9 +7,23 @@ not for copying the gold answer's notation. 1.0 when equal, 0.0 otherwise (inclu
 math-verify cannot parse, or a check that runs out of time). A gold answer that math-verify cannot parse
 scores None (excluded from the mean, visible in ``reward/math/none_frac``) instead of a silent 0.0.
 
-The answer is the content of the last complete ``\\boxed{...}`` (nested braces allowed), else of the last
-``<answer>...</answer>``, else a ``#### N`` line (GSM8K). The gold answer goes through the same extraction,
-so it may be plain LaTeX, a full ``\\boxed{}`` solution, or a GSM8K solution.
+Extraction, in this order (``extract_answer``):
+
+1. Only the final part counts: what follows the last ``</think>``, up to any ``<think>`` that opens after it
+   and never closes. A completion whose thinking never closes (``<think>`` with no ``</think>``, or a
+   prompt that prefills ``<think>`` and a completion with no ``</think>``) has no final answer and scores
+   0.0 (as in DeepScaleR/rllm). So a ``\\boxed{42}`` hedged inside the thinking is never graded, and a
+   draft there never spoils the answer after ``</think>``.
+2. In that part: the content of the last complete ``\\boxed{...}`` (nested braces allowed), else of the
+   last ``<answer>...</answer>``, else of the last ``#### N`` line (GSM8K).
+3. Cleaned (``clean_answer``): one trailing sentence period is dropped (``42.`` -> ``42``, ``\\boxed{3.}``
+   -> ``3``; ``42.5`` stays), and a plain number followed only by plain words is the number
+   (``42 dollars``, ``$42 apples each`` -> ``42``), unless a word changes its meaning (``42 or more``,
+   ``2 pi``). Anything else (``2x``, ``42 \\pm 1``, ``7\\text{ cm}``, ``41, 42``) goes to math-verify as is.
+
+The gold answer goes through the same steps (it has no thinking, so step 1 changes nothing); a gold answer
+with no box, tags or ``####`` line is the whole string, cleaned. So it may be plain LaTeX, a full
+``\\boxed{}`` solution, or a GSM8K solution, and a gold ``42.`` means 42.
 
 Checks never run in the trainer's process: a pool of worker processes (``rewards/_math_worker.py``) runs
 them, each with a deadline (``timeout`` seconds, measured from the parent, no ``signal.alarm``); a worker
@@ -37,7 +51,7 @@ from collections import deque
 from pathlib import Path
 
 from rewards.registry import RewardError, on_close, register_reward
-from rewards.text import as_text, last_tag_content
+from rewards.text import as_text, last_tag_content, prompt_opens_think
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,14 @@ _STARTUP_TIMEOUT_S = 120.0
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASHES = re.compile(r"^[ \t]*####[ \t]*(.+?)[ \t]*$", re.MULTILINE)
+_TRAILING_PERIOD = re.compile(r"(?<![.\\])\.\s*$")  # one period; not an ellipsis, not LaTeX's ``\.``
+_NUMBER_THEN_WORDS = re.compile(
+    r"(?:\\?\$\s*)?"  # an optional currency sign: $42, \$42
+    r"(?P<number>-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)"  # 42, -3.5, 1,000
+    r"(?P<words>(?:\s+[A-Za-z]{2,})+)"  # words of two letters or more: a lone x, i or e is a symbol
+)
+_NOT_UNITS = frozenset("or and to than least most plus minus times over pi sqrt inf infty infinity".split())
+"""Words that change what the number means (``42 or more``, ``2 pi``): such an answer is left as is."""
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -84,24 +106,53 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in a completion or gold solution: last ``\\boxed{}``, else last ``<answer>``, else a
-    ``#### N`` line; None when there is none.
+def final_part(text: str, in_think: bool = False) -> str:
+    """The part of a completion that may hold its final answer: what follows the last ``</think>``, cut at
+    a ``<think>`` that opens after it (unclosed thinking is not an answer). ``in_think``: the text starts
+    inside a think block, because the prompt ended with ``<think>``.
 
-    Example: ``extract_answer("Natalia sold 48/2 = 24 clips...\\n#### 72")`` -> ``"72"``.
+    Example: ``final_part("<think>maybe 42</think><answer>43</answer>")`` -> ``"<answer>43</answer>"``,
+    ``final_part("<think>maybe \\\\boxed{42}")`` -> ``""``.
     """
-    for found in (last_boxed(text), last_tag_content(text, "answer")):
-        if found:
-            return found
+    if in_think:
+        text = "<think>" + text
+    return text.rpartition("</think>")[2].partition("<think>")[0]
+
+
+def clean_answer(answer: str) -> str:
+    """An extracted answer without a trailing sentence period, and a plain number followed only by plain
+    words (units, nouns) as the number; anything else unchanged.
+
+    Example: ``clean_answer("42 dollars.")`` -> ``"42"``; ``clean_answer("42.5")`` -> ``"42.5"``;
+    ``clean_answer("42 or more")`` -> ``"42 or more"``.
+    """
+    answer = _TRAILING_PERIOD.sub("", answer.strip()).strip()
+    m = _NUMBER_THEN_WORDS.fullmatch(answer)
+    if m and not any(word.lower() in _NOT_UNITS for word in m["words"].split()):
+        return m["number"]
+    return answer
+
+
+def extract_answer(text: str, in_think: bool = False) -> str | None:
+    """The final answer in a completion or gold solution, cleaned; None when there is none. Reads only
+    ``final_part(text, in_think)``: its last ``\\boxed{}``, else its last ``<answer>``, else its last
+    ``#### N`` line.
+
+    Example: ``extract_answer("Natalia sold 48/2 = 24 clips...\\n#### 72.")`` -> ``"72"``.
+    """
+    text = final_part(text, in_think)
     hashes = _HASHES.findall(text)
-    return hashes[-1].strip() if hashes else None
+    for found in (last_boxed(text), last_tag_content(text, "answer"), hashes[-1] if hashes else None):
+        if found and (answer := clean_answer(found)):
+            return answer
+    return None
 
 
 def _gold_answer(gold: object) -> str | None:
     if gold is None:
         return None
     text = str(gold).strip()
-    return extract_answer(text) or (text or None)
+    return extract_answer(text) or clean_answer(text) or None
 
 
 def _same_string(a: str, b: str) -> bool:
@@ -327,11 +378,15 @@ def math_reward(
     **columns,
 ) -> list[float | None]:
     """1.0 where the completion's final answer equals the ``answer`` column (symbolically), else 0.0;
-    None where the gold answer is missing or unparsable. Options: ``timeout`` seconds per check,
-    ``workers`` processes (default: one per core, at most 8)."""
+    None where the gold answer is missing or unparsable. A prompt ending with ``<think>`` means the
+    completion starts inside a think block. Options: ``timeout`` seconds per check, ``workers`` processes
+    (default: one per core, at most 8)."""
     if answer is None:
         raise RewardError(
             f"the math reward needs an 'answer' column in the dataset; got columns: {sorted(columns)}"
         )
-    predictions = [extract_answer(as_text(c)) for c in completions]
+    predictions = [
+        extract_answer(as_text(c), in_think=prompt_opens_think(p))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
     return verify_answers(answer, predictions, timeout=timeout, workers=workers)

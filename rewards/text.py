@@ -50,6 +50,15 @@ def prompt_text(prompt: Any) -> str:
     return as_text(prompt)
 
 
+def prompt_opens_think(prompt: Any) -> bool:
+    """Whether the prompt ends with an open ``<think>`` (R1-Zero's template prefills it), so that the
+    completion starts inside a think block.
+
+    Example: ``prompt_opens_think("User: 1+1?\\nAssistant: <think>")`` -> ``True``.
+    """
+    return prompt_text(prompt).rstrip().endswith("<think>")
+
+
 def last_tag_content(text: str, tag: str) -> str | None:
     """Content of the last complete ``<tag>...</tag>`` (stripped), or None.
 

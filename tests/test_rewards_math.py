@@ -1,5 +1,6 @@
 """The math reward: answer extraction, symbolic equivalence through the real worker pool, and hard timeouts."""
 
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,148 @@ def test_gold_answer_may_be_a_boxed_or_gsm8k_solution():
     golds = ["So we get $\\boxed{\\frac{1}{2}}$.", "He has 3 + 4 = 7.\n#### 7", "\\frac{1}{2}"]
     completions = ["<answer>0.5</answer>", "\\boxed{7}", "\\boxed{0.5}"]
     assert math_reward([""] * 3, completions, answer=golds) == [1.0, 1.0, 1.0]
+
+
+# --- what a final answer is: after the thinking, without a sentence period, without unit words ---------------
+
+
+def _score(completion: str, gold: str, prompt: str = "") -> float | None:
+    return math_reward([prompt], [completion], answer=[gold])[0]
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        ("#### 42.", "42"),
+        ("<answer>42.</answer>", "42"),
+        ("\\boxed{42.}", "42"),
+        ("So the answer is $\\boxed{42.}$", "42"),
+        ("\\boxed{3.}", "3"),
+        ("<answer>42.5.</answer>", "42.5"),
+    ],
+)
+def test_a_trailing_sentence_period_is_not_part_of_the_answer(completion, gold):
+    assert _score(completion, gold) == 1.0
+
+
+@pytest.mark.parametrize("gold", ["42.", "#### 42.", "So $\\boxed{42.}$"])
+def test_a_gold_answer_with_a_trailing_period_means_the_number(gold):
+    assert _score("\\boxed{42}", gold) == 1.0
+
+
+def test_a_decimal_point_inside_the_number_is_kept():
+    assert extract_answer("\\boxed{42.5}") == "42.5"
+    assert math_reward(["", ""], ["\\boxed{42.5}", "<answer>42.5</answer>"], answer=["42", "42.5"]) == [
+        0.0,
+        1.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        ("#### 42 dollars", "42"),
+        ("<answer>42 cookies</answer>", "42"),
+        ("\\boxed{42 apples each}", "42"),
+        ("<answer>42 dollars.</answer>", "42"),
+        ("<answer>1,000 dollars</answer>", "1000"),
+        ("\\boxed{42}", "42 dollars"),  # the gold answer is read the same way
+    ],
+)
+def test_a_number_followed_by_unit_words_is_the_number(completion, gold):
+    assert _score(completion, gold) == 1.0
+
+
+def test_unit_words_do_not_make_a_wrong_number_right():
+    assert _score("<answer>42 cookies</answer>", "43") == 0.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "2x",
+        "2 x",
+        "x + 1",
+        "\\pi r^2",
+        "2 pi",
+        "3\\sqrt{2}",
+        "\\frac{1}{2}",
+        "[1, 2)",
+        "7\\text{ cm}",
+        "42 \\pm 1",
+    ],
+)
+def test_symbolic_answers_are_not_read_as_a_number_with_units(answer):
+    assert extract_answer(f"\\boxed{{{answer}}}") == answer
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{41, 42, 43}",
+        "<answer>41, 42, 43</answer>",
+        "<answer>43 or 42</answer>",
+        "<answer>42 or 43</answer>",
+        "\\boxed{42 \\pm 1}",
+        "#### 42 or more",
+        "<answer>42 or more cookies.</answer>",
+    ],
+)
+def test_hedged_answers_score_zero(completion):
+    assert _score(completion, "42") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("<think>maybe \\boxed{42}?</think><answer>43</answer>", 0.0),  # a hedge in the thinking is not paid
+        ("<think>maybe \\boxed{42}</think>So \\boxed{43}.", 0.0),
+        ("<think>a</think><think>\\boxed{42}</think><answer>43</answer>", 0.0),
+        ("thinking \\boxed{42}</think><answer>43</answer>", 0.0),  # the prompt opened the think block
+        ("<think>\\boxed{43}</think><answer>42</answer>", 1.0),  # the final answer counts, not the draft
+        ("<think>\\boxed{43}</think>\n#### 42", 1.0),
+    ],
+)
+def test_only_the_text_after_the_last_think_block_is_graded(completion, expected):
+    assert _score(completion, "42") == expected
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion"),
+    [
+        ("", "<think>I guess \\boxed{42}"),  # truncated, or never closed: no final answer
+        ("", "<think>a</think>\\boxed{43}<think>no, \\boxed{42}"),  # the unclosed think block is cut
+        ("Assistant: <think>", "I guess \\boxed{42}"),  # the prompt prefilled <think>, never closed
+    ],
+)
+def test_unclosed_thinking_is_not_a_final_answer(prompt, completion):
+    assert _score(completion, "42", prompt) == 0.0
+
+
+def test_a_prefilled_think_block_closes_in_the_completion():
+    assert _score("draft \\boxed{43}</think> <answer>42</answer>", "42", "Assistant: <think>") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<think>\\boxed{1}</think><answer>2</answer>", "2"),
+        ("<think>\\boxed{1}", None),
+        ("Natalia sold 48/2 = 24 clips.\n#### 72.", "72"),
+        ("<answer>$42 dollars</answer>", "42"),
+        ("<answer>.</answer>\n#### 5", "5"),  # an answer that cleans to nothing is no answer
+    ],
+)
+def test_extract_answer_reads_the_final_part_and_cleans_it(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_math500_reference_solutions_score_one():
+    rows = [
+        json.loads(line) for line in (ROOT / "tests/fixtures/math500_test.jsonl").read_text().splitlines()
+    ]
+    scores = math_reward([""] * len(rows), [r["solution"] for r in rows], answer=[r["answer"] for r in rows])
+    assert scores == [1.0] * len(rows)
 
 
 def test_no_answer_scores_zero_and_missing_gold_scores_none():
