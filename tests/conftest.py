@@ -12,6 +12,45 @@ from pathlib import Path
 import pytest
 import torch
 
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_close_float32(actual: torch.Tensor, expected: torch.Tensor, roundings: int = 64) -> None:
+    """`actual` equals `expected` up to float32 rounding: the same arithmetic summed in another order (another
+    batch shape, thread count or CPU) differs by at most about `roundings` x eps x the magnitude of the terms,
+    and the largest |value| of the tensor stands for that magnitude. A logic error (a wrong prompt, a dropped
+    token) moves values by a fair fraction of that magnitude, far above this bound.
+
+    `roundings` is the budget of roundings that can pile up in one value: 64 covers the sums and chained
+    products of a 2-layer model's forward and backward with room to spare (measured: 6 eps in the worst case).
+    """
+    scale = expected.abs().max().item()
+    tolerance = roundings * FLOAT32_EPS * max(scale, torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=roundings * FLOAT32_EPS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state():
+    """Tests run in one process: a test (or a run it starts) that sets torch's thread count or deterministic
+    mode must not change the arithmetic of the tests after it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def pytest_collection_modifyitems(config, items):
+    """AHA_TEST_ORDER=reverse (or shuffle:SEED) runs the tests in another order, to catch tests that depend on
+    what ran before them (docs/reliability.md)."""
+    order = os.environ.get("AHA_TEST_ORDER", "")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle:"):
+        import random
+
+        random.Random(int(order.split(":", 1)[1])).shuffle(items)
+
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is 12 + 35? Let me think step by step. 12 + 35 = 47.",
