@@ -5,20 +5,26 @@ A checkpoint is a directory `runs/<name>/checkpoints/step-000042/` holding:
     optimizer.pt       AdamW state, loaded with torch.load(weights_only=True): tensors and numbers only
     scheduler.json     LR-scheduler state
     rng.safetensors    torch CPU (and CUDA) generator states
-    state.json         step, data-loader position, python and numpy RNG states, guard counters, best metric
+    state.json         step, data-loader position, python and numpy RNG states, guard counters, best metric,
+                       and the run's resolved config (resume compares it with the requested one)
+    manifest.json      size and SHA-256 of every other file, written last
 
 It is written to a hidden temporary directory, flushed to disk, then renamed into place: a rename is atomic,
 so a crash (or a full disk) while saving leaves the previous checkpoints intact and no half-written
-`step-*` directory. Loading never unpickles arbitrary objects.
+`step-*` directory; a failed save removes its temporary directory. On resume every file is checked against
+the manifest: a truncated or altered file makes the checkpoint damaged, and `resume=auto` falls back to the
+newest intact one. Loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +32,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rl.errors import AhaError
+from rl.errors import AhaError, write_error
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+DAMAGED_PREFIX = "damaged-"  # where resume moves a checkpoint that failed verification (kept for inspection)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -41,9 +49,56 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith(PREFIX)
+        and p.name.removeprefix(PREFIX).isdigit()
+        and ((p / MANIFEST).is_file() or (p / "state.json").is_file())
     ]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name.removeprefix(PREFIX))
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """Size and SHA-256 of every file of the checkpoint directory `path`, as its manifest.json."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        p.relative_to(path).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files
+    }
+    (path / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (a missing, truncated or altered file, an unreadable
+    manifest), or None when every file matches its manifest.
+
+    Example: ``checkpoint_problem(ckpt)`` -> ``"optimizer.pt has 1200 bytes, the manifest says 5120"``.
+    """
+    try:
+        entries = json.loads((Path(path) / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an interrupted save, or a checkpoint of an older aha)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    for name, want in entries.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {want['bytes']}"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not match its checksum (altered since it was saved)"
+    return None
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -125,26 +180,43 @@ def save_checkpoint(
         save_file(tensors, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": plain}))
         _fsync_tree(tmp)
+        write_manifest(tmp)  # last: a checkpoint with a manifest was completely written
+        _fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. resumed and stopped at once): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none
         _fsync_dir(root)
-    except OSError as err:
+    except Exception as err:  # a full disk surfaces as OSError, RuntimeError (torch.save) or SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_error(err, root, f"the checkpoint of step {step}", _size_of_last(root))
+        if failure is None:
+            raise
         raise AhaError(
-            f"could not save the checkpoint of step {step} in {root}: {err}. The previous checkpoints are intact "
-            "(a checkpoint only appears once it is completely written); free disk space and resume with "
-            "resume=auto"
+            f"{failure} The partial checkpoint was removed; the previous checkpoints are intact (a checkpoint "
+            "only appears once it is completely written): free disk space and resume with resume=auto"
         ) from None
     _rotate(run_dir, keep_last, keep_best, best_mode)
     return final
+
+
+def _size_of_last(root: Path) -> int | None:
+    """Bytes of the newest complete checkpoint under `root` (what the next one will about need), or None."""
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / MANIFEST).is_file())
+    return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else None
+
+
+def _best_value(path: Path) -> float | None:
+    try:
+        return json.loads((path / "state.json").read_text()).get("best_value")
+    except (OSError, ValueError):
+        return None  # a damaged checkpoint is never the best
 
 
 def _rotate(run_dir: Path, keep_last: int, keep_best: str | None, best_mode: str) -> None:
     checkpoints = list_checkpoints(run_dir)
     keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set(checkpoints)
     if keep_best:
-        scored = [(p, json.loads((p / "state.json").read_text()).get("best_value")) for p in checkpoints]
+        scored = [(p, _best_value(p)) for p in checkpoints]
         scored = [(p, v) for p, v in scored if v is not None]
         if scored:
             pick = max if best_mode == "max" else min
@@ -154,17 +226,47 @@ def _rotate(run_dir: Path, keep_last: int, keep_best: str | None, best_mode: str
             shutil.rmtree(path, ignore_errors=True)
 
 
-def find_resume_point(run_dir: Path, resume: str) -> Path:
-    """`auto`: the latest complete checkpoint of this run; otherwise a checkpoint directory path."""
-    if resume == "auto":
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
-            raise AhaError(f"resume=auto but {checkpoint_dir(run_dir)} holds no complete checkpoint")
-        return checkpoints[-1]
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise AhaError(f"resume={resume}: not a checkpoint directory (no state.json in it)")
-    return path
+def find_resume_point(run_dir: Path, resume: str) -> tuple[Path, list[tuple[Path, str]]]:
+    """The checkpoint to resume from, and the newer ones that failed verification (with why).
+
+    `auto`: the newest intact checkpoint of this run (damaged newer ones are passed over); otherwise
+    `resume` is a checkpoint directory, which must be intact. A checkpoint written before aha wrote
+    manifests is loaded unverified, when named by path only.
+    """
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
+            raise AhaError(f"resume={resume}: not a checkpoint directory (no state.json in it)")
+        problem = checkpoint_problem(path)
+        if problem is not None and (path / MANIFEST).exists():
+            raise AhaError(f"resume={resume}: the checkpoint is damaged: {problem}")
+        return path, []
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise AhaError(
+            f"resume=auto but {checkpoint_dir(run_dir)} holds no complete checkpoint: start the run again "
+            "with run.overwrite=true, or under another run.name"
+        )
+    damaged = []
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    listing = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+    raise AhaError(
+        f"resume=auto: no intact checkpoint in {checkpoint_dir(run_dir)} ({listing}). Start a new run "
+        "(run.name=...), or resume=PATH to a checkpoint you trust"
+    )
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the `step-*` namespace (kept for inspection, never resumed from,
+    never outranking newer checkpoints in rotation); returns where it went."""
+    target = path.with_name(DAMAGED_PREFIX + path.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(path, target)
+    return target
 
 
 def load_training_state(
@@ -187,12 +289,48 @@ def load_training_state(
 
 
 def truncate_log(path: Path, after_step: int) -> None:
-    """Drop lines logged after `after_step` (they are recomputed on resume), so no step appears twice."""
+    """Drop lines logged after `after_step` (they are recomputed on resume), so no step appears twice; a
+    torn line (the process died while writing it) is dropped too. Kept lines stay byte for byte."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= after_step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn or empty line
+        if isinstance(row, dict) and row.get("step", after_step + 1) <= after_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary directory beside `path` to write into; on success it replaces `path` (a crash while writing
+    leaves the old directory, or none, never a half-written one). A full disk is one clear AhaError."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = path.with_name(f".old-{path.name}")
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_error(err, path.parent, path.name)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

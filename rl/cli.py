@@ -44,7 +44,7 @@ def recipe_description(path: Path) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rl.config import load_config
-    from rl.train import train
+    from rl.train import RunStopped, train
 
     items = list(args.items)
     recipe = "default"
@@ -53,8 +53,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     # `resume=auto` / `resume=PATH` is short for run.resume=...
     items = ["run." + item if item.startswith("resume=") else item for item in items]
     config = load_config(resolve_recipe(recipe), items)
-    run_dir = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:  # one line, also when launched on several ranks
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # one line, also when launched on several ranks
+    try:
+        run_dir = train(config)
+    except RunStopped as stopped:
+        if main_rank:
+            print(f"aha: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+    if main_rank:
         print(f"run written to {run_dir}")
     return 0
 

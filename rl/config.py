@@ -265,7 +265,12 @@ class RunConfig:
     best_mode: Literal["max", "min"] = "max"
     """Whether a larger or smaller keep_best metric is better."""
     resume: str | None = None
-    """`auto`: continue from the latest complete checkpoint of this run; or a checkpoint directory path."""
+    """`auto`: continue from the newest intact checkpoint of this run (a damaged newer one is set aside with a
+    warning); or a checkpoint directory path. The checkpoint's config must equal this one, except train.steps
+    and where and how the run is written and shown (rl/rundir.py, RESUMABLE_CHANGES)."""
+    overwrite: bool = False
+    """Start a new run in a directory that already holds one, deleting that run's records (metrics, samples,
+    checkpoints, model). Without it such a start is refused: a run is never overwritten by accident."""
 
 
 @dataclass
@@ -509,5 +514,6 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML (what is written to <run>/config.yaml)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

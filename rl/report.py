@@ -7,11 +7,11 @@ aha samples RUN_DIR [--step N] [--best|--worst]
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
 from rl.errors import AhaError
+from rl.tracking import read_jsonl
 
 # (title, [(metric, label)], y-axis label, y range or None) of each dashboard panel
 PANELS = [
@@ -28,7 +28,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise AhaError(f"no metrics.jsonl in {run_dir}: is it a run directory (runs/<name>)?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -80,7 +80,7 @@ def read_samples(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise AhaError(f"no samples.jsonl in {run_dir} (samples are written every track.samples_every steps)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def select_samples(records: list[dict], step: int | None, order: str | None) -> tuple[int, list[dict]]:

@@ -15,7 +15,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rl.errors import AhaError
+from rl.errors import AhaError, write_error
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log. A line that does not parse (the process died while writing it: power
+    loss, SIGKILL, a full disk) is skipped; every complete line is kept."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_jsonl(path: Path, records: list[dict], handle: Any = None) -> None:
+    """Append `records` to a JSON-lines file (through an open `handle` when given), flushed; a full disk is one
+    clear AhaError naming the file and the free space, not a traceback."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    try:
+        if handle is not None:
+            handle.write(text)
+            handle.flush()
+        else:
+            with Path(path).open("a") as f:
+                f.write(text)
+    except OSError as err:
+        raise write_error(err, Path(path).parent, Path(path).name) from None
 
 
 # ------------------------------------------------------------------------------------------------ alarms
@@ -119,8 +148,7 @@ class Loggers:
     def log(self, row: dict[str, float]) -> None:
         if self.jsonl is None:
             return
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        append_jsonl(Path(self.jsonl.name), [row], self.jsonl)
         step = int(row["step"])
         for name, backend in self.backends:
             if name == "tensorboard":

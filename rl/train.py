@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -26,8 +25,8 @@ import torch
 
 from rewards import RewardScorer
 from rl import metrics as M
-from rl.checkpoint import find_resume_point, load_training_state, save_checkpoint, truncate_log
-from rl.config import Config, dump_config, to_dict
+from rl.checkpoint import load_training_state, replaced_atomically, save_checkpoint
+from rl.config import Config, config_yaml, to_dict
 from rl.data import PromptSampler, PromptSet
 from rl.distributed import Distributed
 from rl.errors import AhaError
@@ -46,7 +45,8 @@ from rl.models import (
     seed_everything,
 )
 from rl.report import plot_runs, write_samples_html
-from rl.tracking import Alarms, Console, Loggers, sample_records
+from rl.rundir import open_run_dir, plan_run
+from rl.tracking import Alarms, Console, Loggers, append_jsonl, sample_records
 from rl.update import Sample, lr_factor, update_policy
 from rollouts import SHARES_POLICY, SamplingParams, build_engine
 
@@ -202,12 +202,10 @@ def train(config: Config) -> Path:
                     "were skipped; stopping. Likely causes: a learning rate too high (optim.lr), float16 overflow "
                     "(use model.dtype=bfloat16 or float32), or extreme reward values"
                 )
+            if stopping and not last:
+                raise RunStopped(stop.signum or signal.SIGTERM, step, run.run_dir)  # the rank that got it
             if stopping:
-                run.console.message(
-                    f"stopped after step {step}; checkpoint saved. Continue with: aha train ... resume=auto",
-                    "yellow",
-                )
-                return run.run_dir
+                run.console.message("the stop request came during the last step: finishing the run", "yellow")
         # every rank joins; before the engine closes (vLLM's shutdown takes the process group down with it)
         weights = run.dist.full_state_dict(run.policy) if config.run.save_model else None
     finally:
@@ -220,7 +218,78 @@ def train(config: Config) -> Path:
 
 
 def start_run(config: Config) -> Run:
-    """Build the run: model(s), data, rewards, engine, optimizer; restore a checkpoint when resuming."""
+    """Build the run: model(s), data, rewards, engine, optimizer; restore a checkpoint when resuming.
+
+    Nothing is written until all of it is built (rl/rundir.py): a start that fails on a bad reward path, data
+    file or model leaves every earlier run as it was."""
+    device, dist = _runtime(config)
+    plan = plan_run(to_dict(config), config.run_dir, config.run.resume, config.run.overwrite)
+    resume_from = plan.resume_from
+    scorer = RewardScorer(config.rewards)  # a reward that cannot be imported fails before the model loads
+    console = Console(
+        config.track.console if dist.is_main else "quiet", config.train.steps, config.track.log_every
+    )
+    engine = None
+    try:
+        tokenizer, policy, reference, policy_path = _load_models(config, device, dist, resume_from)
+        train_set, eval_set = _load_data(config, tokenizer)
+        engine = _build_engine(config, policy, tokenizer, policy_path)
+        if config.model.lora.r and resume_from:
+            engine.update_weights(policy)  # the engine started from the base weights; give it the adapters
+        # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
+        # optimizer is built on what this returns.
+        trainer = dist.wrap(CompletionLogprobs(policy))
+        optimizer, scheduler = _optimizer(config, policy)
+        state = None
+        if resume_from:
+            state = load_training_state(
+                resume_from, optimizer, scheduler, lambda saved: dist.shard_optimizer_state(saved, optimizer)
+            )
+        if dist.is_main:  # the first write of the start
+            open_run_dir(plan, config_yaml(config), state["step"] if state else None, console.message)
+    except BaseException:
+        console.close()
+        scorer.close()
+        if engine is not None:
+            engine.close()
+        raise
+    run = Run(
+        config=config,
+        run_dir=config.run_dir,
+        device=device,
+        tokenizer=tokenizer,
+        policy=policy,
+        trainer=trainer,
+        reference=reference,
+        train_set=train_set,
+        eval_set=eval_set,
+        scorer=scorer,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=PromptSampler(len(train_set), config.train.seed),
+        loggers=_loggers(config) if dist.is_main else Loggers.silent(),
+        console=console,
+        alarms=Alarms(
+            config.rollout.max_new_tokens, config.track.zero_reward_steps, config.track.truncation_alarm
+        ),
+        dist=dist,
+    )
+    if state is not None:
+        run.sampler.load_state_dict(state["sampler"])
+        run.alarms.load_state_dict(state["alarms"])
+        run.start_step, run.skipped_in_a_row = state["step"] + 1, state["skipped_in_a_row"]
+        run.console.message(f"resuming from {resume_from} at step {run.start_step}", style="cyan")
+    for note in run.loggers.warnings:
+        run.console.message(note)
+    for data_set, name in ((train_set, "training"), (eval_set, "held-out")):
+        if data_set is not None and data_set.skipped:
+            run.console.message(f"skipped {data_set.skipped} bad {name} rows (data.on_bad_row=skip)")
+    return run
+
+
+def _runtime(config: Config) -> tuple[torch.device, Distributed]:
+    """Seeds, threads, determinism, the device and the ranks."""
     seed_everything(config.train.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -235,12 +304,13 @@ def start_run(config: Config) -> Run:
                 f"train.prompts_per_step={config.train.prompts_per_step} must divide by the {dist.world} ranks: "
                 "each rank trains on whole groups"
             )
-    run_dir = config.run_dir
-    resume_from = find_resume_point(run_dir, config.run.resume) if config.run.resume else None
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
+    return device, dist
 
+
+def _load_models(
+    config: Config, device: torch.device, dist: Distributed, resume_from: Path | None
+) -> tuple[Any, torch.nn.Module, torch.nn.Module | None, Path | str]:
+    """(tokenizer, policy, reference or None, the path the policy was loaded from)."""
     model_path = resolve_model_path(config.model.path)
     lora = config.model.lora if config.model.lora.r else None
     # A full fine-tuning checkpoint holds the whole policy; a LoRA one holds the adapter, over the base model.
@@ -255,7 +325,10 @@ def start_run(config: Config) -> Run:
     if config.algorithm.kl_coef and not lora:
         reference = load_policy(model_path, config.model.dtype, device)[1].eval().requires_grad_(False)
         reference = dist.wrap(CompletionLogprobs(reference), trains=False)
+    return tokenizer, policy, reference, policy_path
 
+
+def _load_data(config: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
     train_set = PromptSet.load(config, config.data.source, config.data.split, config.data.limit, tokenizer)
     eval_set = None
     if config.eval.size:
@@ -263,8 +336,11 @@ def start_run(config: Config) -> Run:
             config, config.eval.source or config.data.source, config.eval.split, None, tokenizer,
             exclude=set(train_set.texts), size=config.eval.size,
         )  # fmt: skip
+    return train_set, eval_set
 
-    engine = build_engine(
+
+def _build_engine(config: Config, policy: torch.nn.Module, tokenizer: Any, policy_path: Path | str) -> Any:
+    return build_engine(
         config.rollout.engine,
         policy=policy,
         tokenizer=tokenizer,
@@ -274,11 +350,11 @@ def start_run(config: Config) -> Run:
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
-    if lora and resume_from:
-        engine.update_weights(policy)  # the engine started from the base weights; give it the adapters
-    # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
-    # optimizer is built on what this returns.
-    trainer = dist.wrap(CompletionLogprobs(policy))
+
+
+def _optimizer(
+    config: Config, policy: torch.nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
         lr=config.optim.lr,
@@ -289,53 +365,14 @@ def start_run(config: Config) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, config.optim.warmup_steps, total_updates, config.optim.schedule)
     )
-    state = None
-    if resume_from:
-        state = load_training_state(
-            resume_from, optimizer, scheduler, lambda saved: dist.shard_optimizer_state(saved, optimizer)
-        )
-    for log in ("metrics.jsonl", "samples.jsonl") if dist.is_main else ():
-        if state is not None:
-            truncate_log(run_dir / log, state["step"])  # steps logged after the checkpoint are redone
-        else:
-            (run_dir / log).unlink(missing_ok=True)
+    return optimizer, scheduler
 
+
+def _loggers(config: Config) -> Loggers:
     track = config.track
-    run = Run(
-        config=config,
-        run_dir=run_dir,
-        device=device,
-        tokenizer=tokenizer,
-        policy=policy,
-        trainer=trainer,
-        reference=reference,
-        train_set=train_set,
-        eval_set=eval_set,
-        scorer=RewardScorer(config.rewards),
-        engine=engine,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        sampler=PromptSampler(len(train_set), config.train.seed),
-        loggers=Loggers(
-            run_dir, to_dict(config), track.tensorboard, track.wandb, track.trackio, track.project
-        )
-        if dist.is_main
-        else Loggers.silent(),
-        console=Console(track.console if dist.is_main else "quiet", config.train.steps, track.log_every),
-        alarms=Alarms(config.rollout.max_new_tokens, track.zero_reward_steps, track.truncation_alarm),
-        dist=dist,
+    return Loggers(
+        config.run_dir, to_dict(config), track.tensorboard, track.wandb, track.trackio, track.project
     )
-    if state is not None:
-        run.sampler.load_state_dict(state["sampler"])
-        run.alarms.load_state_dict(state["alarms"])
-        run.start_step, run.skipped_in_a_row = state["step"] + 1, state["skipped_in_a_row"]
-        run.console.message(f"resuming from {resume_from} at step {run.start_step}", style="cyan")
-    for note in run.loggers.warnings:
-        run.console.message(note)
-    for data_set, name in ((train_set, "training"), (eval_set, "held-out")):
-        if data_set is not None and data_set.skipped:
-            run.console.message(f"skipped {data_set.skipped} bad {name} rows (data.on_bad_row=skip)")
-    return run
 
 
 def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
@@ -352,6 +389,7 @@ def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
         "alarms": run.alarms.state_dict(),
         "skipped_in_a_row": run.skipped_in_a_row,
         "best_value": row.get(cfg.keep_best) if cfg.keep_best else None,
+        "config": to_dict(run.config),  # a resume checks that it continues the same run (rl/rundir.py)
     }
     save_checkpoint(
         run.run_dir, step, run.policy, run.tokenizer, run.optimizer, run.scheduler, state,
@@ -367,10 +405,12 @@ def finish_run(
     if run.config.run.save_model:
         policy = run.policy
         if run.config.model.lora.r:  # the adapter in PEFT format, then the merged model
-            policy.save_pretrained(run.run_dir / "adapter", safe_serialization=True)
+            with replaced_atomically(run.run_dir / "adapter") as tmp:
+                policy.save_pretrained(tmp, safe_serialization=True)
             policy = policy.merge_and_unload()
-        policy.save_pretrained(run.run_dir / "model", safe_serialization=True, state_dict=weights)
-        run.tokenizer.save_pretrained(run.run_dir / "model")
+        with replaced_atomically(run.run_dir / "model") as tmp:
+            policy.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            run.tokenizer.save_pretrained(tmp)
     if run.config.track.dashboard:
         plot_runs([run.run_dir], run.run_dir / "dashboard.png")
         write_samples_html(run.run_dir)
@@ -381,11 +421,26 @@ def finish_run(
         run.console.message(before_after(evaluations["before"], evaluations["after"]), style="white")
 
 
+class RunStopped(Exception):
+    """The run stopped early on SIGTERM or Ctrl-C, after saving a checkpoint. The CLI says so and exits with
+    128 + the signal's number (143, 130), as a process killed by it would, so schedulers see an unfinished
+    run."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in {run_dir}. "
+            "Continue with: aha train ... resume=auto"
+        )
+
+
 class GracefulStop:
-    """First Ctrl-C or SIGTERM: finish the current step, save a checkpoint, exit cleanly. Second Ctrl-C: now."""
+    """First Ctrl-C or SIGTERM: finish the current step, save a checkpoint, stop (RunStopped). Second Ctrl-C:
+    now, without saving. A stop asked for during the last step lets the run finish."""
 
     def __init__(self, console: Console) -> None:
         self.requested = False
+        self.signum = 0
         self.console = console
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -395,7 +450,7 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
         self.console.message(
             f"{signal.Signals(signum).name}: saving a checkpoint after this step and stopping "
             "(Ctrl-C again to stop now, without saving)",
@@ -609,6 +664,4 @@ def write_samples(run_dir: Path, step: int, train_set: PromptSet, sampled: Round
         config.track.samples_prompts,
         config.train.seed,
     )
-    with (run_dir / "samples.jsonl").open("a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    append_jsonl(run_dir / "samples.jsonl", records)

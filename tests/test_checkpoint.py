@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -128,44 +127,56 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(workd
     assert not (run_dir / "checkpoints" / ".tmp-step-000002").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(workdir, tiny_model_dir):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_non_zero_saying_stopped(
+    workdir, tiny_model_dir, sig, status
+):
     args = _overrides(workdir, tiny_model_dir, "term", steps=200)
     args = [a for a in args if not a.startswith("run.checkpoint_every")]  # only the signal saves
     proc = _aha(workdir, args)
     _wait_for(workdir / "runs" / "term" / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "SIGTERM: saving a checkpoint" in out and "resume=auto" in out
+    assert proc.returncode == status, err  # 128 + the signal: a scheduler sees an unfinished run
+    assert f"{sig.name}: saving a checkpoint" in out
+    assert f"stopped by {sig.name} after step" in err and "resume=auto" in err
+    assert "run written" not in out
     (checkpoint,) = list_checkpoints(workdir / "runs" / "term")
     last_logged = _metrics(workdir / "runs" / "term")[-1]["step"]
     assert checkpoint.name == f"step-{last_logged:06d}"
 
 
+def test_sigterm_during_the_last_step_finishes_the_run(workdir, tiny_model_dir):
+    (workdir / "term_in_last_step.py").write_text(
+        "import os, signal, sys\n"
+        "import rl.train\n"
+        "real, calls = rl.train.update_policy, []\n"
+        "def update(*args, **kwargs):  # SIGTERM arrives during the update of the last (3rd) step\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "rl.train.update_policy = update\n"
+        "from rl.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [a for a in _overrides(workdir, tiny_model_dir, "last", steps=3) if a != "track.dashboard=false"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(workdir / "term_in_last_step.py"), "train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "during the last step: finishing the run" in proc.stdout and "run written" in proc.stdout
+    run_dir = workdir / "runs" / "last"
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "dashboard.png").is_file()
+    assert [r["step"] for r in _metrics(run_dir)] == [1, 2, 3]
+
+
 def _tiny_run(workdir, model_dir, name, extra=()):
     return load_config(None, _overrides(workdir, model_dir, name, steps=2) + ["track.console=quiet", *extra])
-
-
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(workdir, tiny_model_dir, monkeypatch):
-    import rl.checkpoint as ckpt
-
-    real_save, calls = ckpt.torch.save, []
-
-    def full_disk(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    with pytest.raises(AhaError, match="No space left on device.*previous checkpoints are intact"):
-        train(_tiny_run(workdir, tiny_model_dir, "full"))
-    run_dir = workdir / "runs" / "full"
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step-000001"]
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
-    train(_tiny_run(workdir, tiny_model_dir, "full", ["run.resume=auto"]))
-    assert [r["step"] for r in _metrics(run_dir)] == [1, 2]
 
 
 def test_keep_last_and_keep_best_rotation(tmp_path, tiny_model, tokenizer):
@@ -193,11 +204,14 @@ def test_checkpoint_files_load_without_unpickling(tmp_path, tiny_model, tokenize
         "scheduler.json",
         "rng.safetensors",
         "state.json",
+        "manifest.json",
     }
 
 
 def test_resume_auto_without_checkpoints_is_a_clear_error(workdir, tiny_model_dir):
-    with pytest.raises(AhaError, match="holds no complete checkpoint"):
+    with pytest.raises(
+        AhaError, match="holds no complete checkpoint: start the run again with run.overwrite"
+    ):
         train(_tiny_run(workdir, tiny_model_dir, "none", ["run.resume=auto"]))
 
 
