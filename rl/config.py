@@ -105,7 +105,7 @@ class RolloutConfig:
     engine: str = "transformers"
     """Rollout engine: `transformers` (works everywhere) or `vllm`."""
     group_size: int = 8
-    """G: completions sampled per prompt. A group is the unit of sampling, reward and advantage."""
+    """G: completions sampled per prompt, at least 2. A group is the unit of sampling, reward and advantage."""
     max_new_tokens: int = 128
     """Token limit of a completion; completions that hit it count as truncated."""
     temperature: float = 1.0
@@ -442,15 +442,12 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
 def validate(config: Config) -> None:
     """Impossible combinations, each with what to change."""
     algo, rollout, train = config.algorithm, config.rollout, config.train
-    if rollout.group_size < 1:
-        raise ConfigError("rollout.group_size must be at least 1")
-    if rollout.group_size < 2 and algo.scale == "group":
+    if rollout.group_size < 2:
         raise ConfigError(
-            "rollout.group_size=1 with algorithm.scale=group: the std of a one-sample group is undefined; "
-            "use group_size >= 2 (GRPO uses 8 or more)"
+            f"rollout.group_size={rollout.group_size}: a group-relative advantage compares a sample with the "
+            "other samples of its prompt, so with fewer than 2 every advantage is 0 and nothing trains; use "
+            "rollout.group_size >= 2 (GRPO uses 8 or more)"
         )
-    if rollout.group_size < 2 and algo.baseline == "loo":
-        raise ConfigError("algorithm.baseline=loo needs rollout.group_size >= 2")
     for name in ("steps", "prompts_per_step", "micro_batch_size"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")

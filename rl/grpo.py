@@ -26,7 +26,11 @@ KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def group_advantages(
-    rewards: torch.Tensor, baseline: Baseline = "mean", scale: Scale = "group", eps: float = 1e-6
+    rewards: torch.Tensor,
+    baseline: Baseline = "mean",
+    scale: Scale = "group",
+    eps: float = 1e-6,
+    scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages, one per sample.
 
@@ -39,26 +43,35 @@ def group_advantages(
                                                                  toward too-easy and too-hard questions)
     std is the unbiased sample std (torch.std), as in the GRPO reference code.
 
+    Unscored samples (`scored` False: no reward function scored them) take no part: j runs over the group's
+    scored samples only, G is their count, the batch std is over scored rewards, and an unscored sample's
+    advantage is 0. A group with fewer than 2 scored samples has no baseline to compare with: all 0.
+
     Args:
-        rewards: [P, G] scalar reward of each sample, grouped by prompt.
+        rewards: [P, G] scalar reward of each sample, grouped by prompt (any value where unscored).
+        scored: [P, G] bool, optional (default: all scored).
     Returns:
         [P, G] advantages.
 
-    Example: rewards [[1, 0, 0]] with mean/none -> [[2/3, -1/3, -1/3]].
+    Example: rewards [[1, 0, 0]] with mean/none -> [[2/3, -1/3, -1/3]];
+    rewards [[1, 0, ?, ?]] with scored [[T, T, F, F]], mean/group -> [[0.7071, -0.7071, 0, 0]].
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [prompts, group_size], got shape {tuple(rewards.shape)}")
+    if baseline not in ("mean", "loo"):
+        raise ValueError(f"unknown baseline {baseline!r}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown scale {scale!r}")
+    if scored is not None and not bool(scored.all()):
+        return _masked_group_advantages(rewards, scored, baseline, scale, eps)
     group_size = rewards.shape[1]
     if baseline == "mean":
         centered = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
-    elif baseline == "loo":
+    else:
         if group_size < 2:
             raise ValueError("the leave-one-out baseline needs a group size of at least 2")
         loo_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (group_size - 1)  # [P, G]
         centered = rewards - loo_mean
-    else:
-        raise ValueError(f"unknown baseline {baseline!r}")
-
     if scale == "group":
         if group_size < 2:
             raise ValueError(
@@ -69,9 +82,30 @@ def group_advantages(
         if rewards.numel() < 2:
             raise ValueError("scale='batch' needs at least 2 rewards")
         return centered / (rewards.std() + eps)
+    return centered
+
+
+def _masked_group_advantages(
+    rewards: torch.Tensor, scored: torch.Tensor, baseline: Baseline, scale: Scale, eps: float
+) -> torch.Tensor:
+    """`group_advantages` over the scored samples only (see there); 0 where unscored or where the group has
+    fewer than 2 scored samples."""
+    r = torch.where(scored, rewards, torch.zeros_like(rewards))  # [P, G]
+    n = scored.sum(dim=1, keepdim=True).to(rewards.dtype)  # [P, 1] scored samples per group
+    total = r.sum(dim=1, keepdim=True)  # [P, 1]
+    mean = total / n.clamp(min=1)  # [P, 1]
+    b = mean if baseline == "mean" else (total - r) / (n - 1).clamp(min=1)  # [P, 1] or [P, G]
+    usable = scored & (n >= 2)  # [P, G]
+    centered = torch.where(usable, r - b, torch.zeros_like(r))  # [P, G]
     if scale == "none":
         return centered
-    raise ValueError(f"unknown scale {scale!r}")
+    if scale == "group":
+        var = (torch.where(scored, r - mean, torch.zeros_like(r)) ** 2).sum(dim=1, keepdim=True)
+        std = (var / (n - 1).clamp(min=1)).sqrt()  # [P, 1] unbiased
+        return centered / (std + eps)
+    values = rewards[scored]  # [scored samples]
+    std = values.std() if values.numel() >= 2 else torch.zeros((), dtype=rewards.dtype)
+    return centered / (std + eps)
 
 
 def policy_loss(

@@ -151,6 +151,11 @@ class UpdateAccumulator:
         self.mismatch_ratio_max = max(self.mismatch_ratio_max, float(diff.exp().max()) if m.any() else 0.0)
         self.mismatch_tokens += float(m.sum())
 
+    def skip_step(self) -> None:
+        """The optimizer step was skipped (NaN/inf loss or gradient): its loss is not the step's loss."""
+        self.skipped += 1
+        self.loss = 0.0
+
     def add_step(self, grad_norm: float, lr: float) -> None:
         self.losses.append(self.loss)
         self.loss = 0.0
@@ -158,16 +163,19 @@ class UpdateAccumulator:
         self.lr = lr
 
     def metrics(self) -> dict[str, float]:
-        n = max(self.tokens, 1.0)
+        """The step's update metrics. What no update measured (every update skipped for a NaN/inf loss, or no
+        scored sample to train on) is NaN, never a fake 0.0 that plots as a real value."""
+        nan = float("nan")
+        n = self.tokens or nan
         out = {
-            "loss/policy": sum(self.losses) / max(len(self.losses), 1),
+            "loss/policy": sum(self.losses) / len(self.losses) if self.losses else nan,
             "policy/entropy": self.entropy / n,
             "policy/clip_frac_low": self.clip_low / n,
             "policy/clip_frac_high": self.clip_high / n,
             "policy/ratio_mean": self.ratio / n,
-            "policy/ratio_max": self.ratio_max,
-            "optim/grad_norm": sum(self.grad_norms) / max(len(self.grad_norms), 1),
-            "optim/lr": self.lr,
+            "policy/ratio_max": self.ratio_max if self.tokens else nan,
+            "optim/grad_norm": sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else nan,
+            "optim/lr": self.lr if self.grad_norms else nan,
             "optim/updates": float(len(self.grad_norms)),
             "optim/skipped_updates": float(self.skipped),
             "perf/update_tokens": self.tokens,

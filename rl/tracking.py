@@ -56,6 +56,8 @@ class Alarms:
     truncation       more than `truncation_frac` of the completions hit the token limit
     collapse         at least `collapse_frac` of the groups had identical rewards for `collapse_steps` steps
     nonfinite_loss   the loss or the gradient was NaN/inf (the update was skipped)
+    unscored         a reward function returned None for every completion of the step (said at once, and
+                     again only after it has scored something in between)
     """
 
     max_new_tokens: int
@@ -65,15 +67,21 @@ class Alarms:
     collapse_steps: int = 5
     _zero_run: int = 0
     _collapse_run: int = 0
+    _unscored: tuple[str, ...] = ()
 
     def state_dict(self) -> dict:
-        return {"zero_run": self._zero_run, "collapse_run": self._collapse_run}
+        return {
+            "zero_run": self._zero_run,
+            "collapse_run": self._collapse_run,
+            "unscored": list(self._unscored),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._zero_run, self._collapse_run = state["zero_run"], state["collapse_run"]
+        self._unscored = tuple(state.get("unscored", ()))
 
     def check(self, row: dict[str, float]) -> list[str]:
-        messages = []
+        messages = self._check_unscored(row)
         all_zero = row.get("reward/mean") == 0 and row.get("reward/std") == 0
         self._zero_run = self._zero_run + 1 if all_zero else 0
         if self._zero_run >= self.zero_reward_steps:
@@ -106,6 +114,28 @@ class Alarms:
                 f"{int(row['optim/skipped_updates'])} update(s) skipped this step: the loss or gradient was NaN/inf"
             )
         return messages
+
+    def _check_unscored(self, row: dict[str, float]) -> list[str]:
+        """Rewards that scored nothing this step: `reward/<name>/none_frac` of 1."""
+        names = tuple(
+            key.removeprefix("reward/").removesuffix("/none_frac")
+            for key, value in row.items()
+            if key.startswith("reward/") and key.endswith("/none_frac") and value == 1.0
+        )
+        new, self._unscored = [n for n in names if n not in self._unscored], names
+        if names:
+            row["alarm/unscored"] = 1.0
+        return [
+            f"reward {name} returned None for every completion of step {int(row['step'])}: it scores nothing"
+            + (
+                ", so no sample has a reward and nothing trains"
+                if row.get("reward/unscored_frac") == 1.0
+                else ""
+            )
+            + ". Check that the dataset has the columns it needs (e.g. answer) and that it reads the "
+            "completions' format; see `aha samples RUN_DIR`"
+            for name in new
+        ]
 
 
 # ----------------------------------------------------------------------------------------------- loggers

@@ -499,16 +499,16 @@ class StepBatch:
 
 
 def rank_advantages(batch: StepBatch, config: Config, dist: Distributed) -> torch.Tensor:
-    """Group-relative advantages of this rank's groups. Groups never span ranks, so only the batch-std scale
-    needs the other ranks' rewards."""
+    """Group-relative advantages of this rank's groups, over scored samples only (an unscored one gets 0 and
+    moves no statistic). Groups never span ranks, so only the batch-std scale needs the other ranks'."""
     algo = config.algorithm
-    rewards = fill_missing(batch.rewards, batch.scored)  # [P, G]
     if algo.scale != "batch" or not dist.enabled:
-        return group_advantages(rewards, algo.baseline, algo.scale)
-    per_rank = dist.gather_objects(rewards.cpu())
-    everything = group_advantages(torch.cat(per_rank), algo.baseline, algo.scale)  # [P * world, G]
-    offset = sum(len(r) for r in per_rank[: dist.rank])
-    return everything[offset : offset + len(rewards)]
+        return group_advantages(batch.rewards, algo.baseline, algo.scale, scored=batch.scored)  # [P, G]
+    per_rank = dist.gather_objects((batch.rewards.cpu(), batch.scored.cpu()))
+    rewards, scored = (torch.cat(parts) for parts in zip(*per_rank, strict=True))  # [P * world, G]
+    everything = group_advantages(rewards, algo.baseline, algo.scale, scored=scored)
+    offset = sum(len(r) for r, _ in per_rank[: dist.rank])
+    return everything[offset : offset + len(batch.rewards)]
 
 
 def sample_batch(run: Run, params: SamplingParams, step: int) -> StepBatch:
@@ -586,17 +586,6 @@ def sample_batch(run: Run, params: SamplingParams, step: int) -> StepBatch:
         rollout_s=rollout_s,
         reward_s=reward_s,
     )
-
-
-def fill_missing(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Replace unscored (NaN) rewards by their group's mean of scored ones, so they shift nothing.
-
-    rewards, valid: [P, G]. A group with no scored sample gets 0 everywhere.
-    """
-    filled = torch.where(valid, rewards, torch.zeros_like(rewards))
-    counts = valid.sum(dim=1, keepdim=True)
-    means = filled.sum(dim=1, keepdim=True) / counts.clamp(min=1)
-    return torch.where(valid, rewards, means.expand_as(rewards))
 
 
 # ------------------------------------------------------------------------------------- eval and samples

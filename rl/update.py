@@ -144,7 +144,7 @@ def update_policy(
             grad_norm = _clip_grad(policy, config.optim.grad_clip) if finite else float("nan")
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
-                sums.skipped += 1
+                sums.skip_step()
                 continue
             optimizer.step()
             scheduler.step()

@@ -51,10 +51,14 @@ def test_invalid_choice_lists_the_choices_and_suggests_one():
         load_config(None, ["algorithm.scale=grup"])
 
 
-def test_group_size_one_with_std_scaling_says_what_to_change():
-    with pytest.raises(ConfigError, match="group_size >= 2"):
-        load_config(None, ["rollout.group_size=1"])
-    assert load_config(None, ["rollout.group_size=1", "algorithm.scale=none"]).rollout.group_size == 1
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("baseline", ["mean", "loo"])
+def test_group_size_one_is_refused_whatever_the_advantage_knobs(scale, baseline):
+    # every group-relative advantage of a one-sample group is 0: such a run trains on zeros
+    with pytest.raises(ConfigError, match="every advantage is 0 and nothing trains.*group_size >= 2"):
+        load_config(
+            None, ["rollout.group_size=1", f"algorithm.scale={scale}", f"algorithm.baseline={baseline}"]
+        )
 
 
 def test_prompts_not_divisible_into_minibatches_is_an_error():

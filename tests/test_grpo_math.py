@@ -75,6 +75,64 @@ def test_vectorized_advantages_match_loop_reference(baseline, scale):
     )
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "baseline, scale, expected",
+    [
+        # scored pair [1, 0]: mean 0.5, unbiased std 0.7071 -> +-0.7071 (filling the unscored with the group
+        # mean and keeping them in the std gave +-1.22)
+        ("mean", "group", [[0.70711, -0.70711, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+        ("mean", "none", [[0.5, -0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+        ("loo", "none", [[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+        # batch std over the scored rewards [1, 0, 1]: 0.57735 -> (1 - 0.5) / 0.57735 = 0.86603
+        ("mean", "batch", [[0.86603, -0.86603, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+    ],
+)
+def test_unscored_samples_take_no_part_in_the_group_statistics(baseline, scale, expected):
+    rewards = torch.tensor([[1.0, 0.0, NAN, NAN], [NAN, 1.0, NAN, NAN]])  # the 2nd group: one scored sample
+    got = group_advantages(rewards, baseline, scale, scored=~rewards.isnan())
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def _loop_masked_advantages(rewards, scored, baseline: str, scale: str) -> list[list[float]]:
+    """The plain reading of 'unscored samples take no part': every statistic over the scored samples only."""
+    flat = [r for g, m in zip(rewards, scored, strict=True) for r, s in zip(g, m, strict=True) if s]
+    batch_mean = sum(flat) / len(flat)
+    batch_std = math.sqrt(sum((r - batch_mean) ** 2 for r in flat) / (len(flat) - 1))
+    out = []
+    for group, mask in zip(rewards, scored, strict=True):
+        kept = [r for r, s in zip(group, mask, strict=True) if s]
+        n = len(kept)
+        if n < 2:
+            out.append([0.0] * len(group))
+            continue
+        mean = sum(kept) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in kept) / (n - 1))
+        row = []
+        for r, s in zip(group, mask, strict=True):
+            b = mean if baseline == "mean" else (sum(kept) - r) / (n - 1)
+            div = {"group": std + 1e-6, "batch": batch_std + 1e-6, "none": 1.0}[scale]
+            row.append((r - b) / div if s else 0.0)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("baseline", ["mean", "loo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_masked_advantages_match_loop_reference(baseline, scale):
+    rng = random.Random(1)
+    rewards = [[rng.random() for _ in range(6)] for _ in range(5)]
+    scored = [[rng.random() < 0.6 for _ in range(6)] for _ in range(5)]
+    scored[0], scored[1] = [True] * 6, [False, True, False, False, False, False]  # all scored; one scored
+    got = group_advantages(
+        torch.tensor(rewards, dtype=torch.float64), baseline, scale, scored=torch.tensor(scored)
+    )
+    want = _loop_masked_advantages(rewards, scored, baseline, scale)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+
+
 def _ratios_to_logprobs(ratios):
     ratios = torch.tensor(ratios)
     return torch.log(ratios), torch.zeros_like(ratios)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -86,6 +87,36 @@ def test_update_accumulator_weights_statistics_by_tokens():
     assert got["loss/policy"] == 0.5 and got["optim/grad_norm"] == 2.0 and got["optim/lr"] == 1e-3
 
 
+def test_update_accumulator_logs_nan_not_zero_when_every_update_was_skipped():
+    acc = UpdateAccumulator()
+    mask = torch.tensor([[1, 1]])
+    acc.add(
+        mask,
+        torch.tensor(0.7),
+        torch.ones(1, 2),
+        mask.bool() & False,
+        mask.bool() & False,
+        torch.ones(1, 2),
+        None,
+    )
+    acc.skip_step()  # a later micro-batch's loss was NaN: the optimizer step is skipped
+    got = acc.metrics()
+    assert got["optim/skipped_updates"] == 1.0 and got["optim/updates"] == 0.0
+    for key in ("loss/policy", "optim/grad_norm", "optim/lr"):
+        assert math.isnan(got[key]), key  # a fake 0.0 would plot as a real loss
+    acc.add(
+        mask,
+        torch.tensor(0.25),
+        torch.ones(1, 2),
+        mask.bool() & False,
+        mask.bool() & False,
+        torch.ones(1, 2),
+        None,
+    )
+    acc.add_step(grad_norm=1.0, lr=1e-3)
+    assert acc.metrics()["loss/policy"] == 0.25  # the skipped step's partial loss is not carried over
+
+
 def _row(**overrides):
     row = {"step": 1, "reward/mean": 0.5, "reward/std": 0.5, "rollout/truncated_frac": 0.0}
     row.update(overrides)
@@ -116,6 +147,22 @@ def test_reward_collapse_and_nonfinite_loss_alarms():
     assert any("identical rewards" in m for m in messages)
     assert any("NaN/inf" in m for m in messages)
     assert row["alarm/reward_collapse"] == 1.0 and row["alarm/nonfinite_loss"] == 1.0
+
+
+def test_a_reward_that_scores_nothing_is_said_at_once_and_again_only_after_it_recovered():
+    alarms = Alarms(max_new_tokens=64)
+    unscored = {"reward/math/none_frac": 1.0, "reward/format/none_frac": 0.0, "reward/unscored_frac": 1.0}
+    row = _row(**unscored)
+    (message,) = alarms.check(row)
+    assert "reward math returned None for every completion of step 1" in message
+    assert "nothing trains" in message and row["alarm/unscored"] == 1.0
+    again = _row(**unscored)
+    assert alarms.check(again) == [] and again["alarm/unscored"] == 1.0  # still flagged, said once
+    assert alarms.check(_row(**{"reward/math/none_frac": 0.5})) == []
+    assert len(alarms.check(_row(**unscored))) == 1
+    restored = Alarms(max_new_tokens=64)
+    restored.load_state_dict(alarms.state_dict())  # a resumed run does not say it twice
+    assert restored.check(_row(**unscored)) == []
 
 
 def _fake_run(tmp_path, name="run", steps=6):

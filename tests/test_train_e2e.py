@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,56 @@ def test_soft_overlong_punishment_lowers_the_reward_of_truncated_completions(
     assert first_shaped["reward/mean"] == pytest.approx(
         first_plain["reward/mean"] - first_plain["rollout/truncated_frac"], abs=1e-6
     )
+
+
+def test_nonfinite_steps_log_nan_and_stop_the_run_after_max_skipped_steps(tmp_path):
+    from rl.errors import AhaError
+
+    config = load_config(
+        None,
+        [
+            "model.path=aha-tiny",  # the shipped model, on its own task (the defaults)
+            "train.steps=10",
+            "train.prompts_per_step=2",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=16",
+            "optim.lr=1e4",  # the first update blows the weights up; every later loss is NaN/inf
+            "train.max_skipped_steps=2",
+            f"run.dir={tmp_path / 'runs'}",
+            "track.console=quiet",
+            "eval.size=0",
+        ],
+    )
+    with pytest.raises(AhaError, match="NaN/inf in 2 steps in a row"):
+        train(config)
+    rows = [
+        json.loads(line) for line in (tmp_path / "runs" / "aha" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["optim/skipped_updates"] for r in rows] == [0.0, 1.0, 1.0]
+    for r in rows[1:]:
+        assert math.isnan(r["loss/policy"]) and math.isnan(r["optim/grad_norm"]), r
+        assert r["alarm/nonfinite_loss"] == 1.0
+    assert math.isfinite(rows[0]["loss/policy"])
+
+
+def test_a_reward_that_scores_nothing_is_reported_at_the_first_step(
+    tmp_path, toy_data, tiny_model_dir, capsys
+):
+    config = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            f"data.source={toy_data}",
+            "rewards=[{name: 'tests.toy_rewards:no_score'}]",
+            "train.steps=1",
+            "train.prompts_per_step=2",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=4",
+            f"run.dir={tmp_path / 'runs'}",
+            "track.console=quiet",
+            "eval.size=0",
+        ],
+    )
+    train(config)
+    out = capsys.readouterr().out
+    assert "reward tests.toy_rewards:no_score returned None for every completion of step 1" in out

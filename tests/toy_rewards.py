@@ -11,3 +11,8 @@ def letter_a(prompts: list, completions: list[str], **columns) -> list[float]:
 def has_a(prompts: list, completions: list[str], **columns) -> list[float]:
     """1 if the completion contains an 'a': binary, so whole groups often score the same."""
     return [float("a" in c) for c in completions]
+
+
+def no_score(prompts: list, completions: list[str], **columns) -> list[None]:
+    """Scores nothing (None for every completion), like a reward whose answer column is missing."""
+    return [None for _ in completions]
