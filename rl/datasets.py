@@ -11,7 +11,8 @@ Sources (the `data.source` / `eval.source` / `aha eval --data` string):
     gym:countdown  gym:gsm_symbolic  gym:chain_sum          reasoning-gym tasks, generated offline and seeded;
     gym:countdown?min_numbers=3&max_numbers=4               options go to the task's config
     owner/name  or  owner/name:config                       a hub dataset (datasets.load_dataset)
-    path/to/file.jsonl | .json | .parquet                   a local file
+    path/to/file.jsonl | .json | .parquet                   a local file (a bad line or an empty file: an error
+                                                            naming the file, the line and the problem)
 
 Held-out splits never overlap with training splits:
 - presets use the set's own splits (GSM8K and MATH train/test; the benchmarks are test-only);
@@ -161,19 +162,40 @@ def hash_split(rows: list[dict], split: str, prompt_key: str | None, percent: in
 # --------------------------------------------------------------------------------- hub and local files
 
 
-def hf_load(path: str, name: str | None = None, split: str | None = None, data_files: Any = None) -> Any:
+def hf_load(
+    path: str,
+    name: str | None = None,
+    split: str | None = None,
+    data_files: Any = None,
+    label: str | None = None,
+) -> Any:
     """`datasets.load_dataset(path, name, split=split, data_files=data_files)`, failures as DataError.
 
     The one call every hub and file source goes through: presets with their hub id, tests with the `json` or
-    `parquet` builder and a fixture file.
+    `parquet` builder and a fixture file. The error names `label` (default: the hub id, config and split) and
+    the problem under `datasets`' wrapper (`root_cause`), e.g. `could not load dataset owner/name: ...`.
     """
     import datasets
 
     try:
         return datasets.load_dataset(path, name, split=split, data_files=data_files)
     except Exception as err:  # datasets raises many types: missing files, no network, bad split names
-        where = f"{path}" + (f" ({name})" if name else "") + (f", split {split!r}" if split else "")
-        raise DataError(f"could not load dataset {where}: {err}") from None
+        where = label or (
+            f"{path}" + (f" ({name})" if name else "") + (f", split {split!r}" if split else "")
+        )
+        raise DataError(f"could not load dataset {where}: {root_cause(err)}") from None
+
+
+def root_cause(err: BaseException) -> str:
+    """The message of the error that `datasets` wrapped: "An error occurred while generating the dataset"
+    says nothing, the pyarrow or json error under it does; an error with no message gives its type's name.
+
+    Example: a DatasetGenerationError caused by `ArrowInvalid("JSON parse error: ...")` ->
+    `"JSON parse error: ..."`.
+    """
+    while type(err).__name__ == "DatasetGenerationError" and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    return str(err) or type(err).__name__
 
 
 def load_table(
@@ -186,13 +208,118 @@ def load_table(
     """
     path = Path(source).expanduser()
     if path.suffix in LOCAL_FORMATS:
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
-        dataset = hf_load(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        return _head(dataset, limit)
+        return load_file(path, limit)
     hub_id, _, name = source.partition(":")
     splits = hf_load(hub_id, name or None)
     return select_split(splits, split, source, limit, prompt_key)
+
+
+def load_file(path: Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows (all when None) of a local .jsonl, .json or .parquet file.
+
+    `datasets`' json or parquet builder reads the rows, so they are what that builder makes of the file (a key
+    missing from a line is None in that row; a column mixing ints and floats holds floats). A .jsonl file is
+    first checked line by line (`check_jsonl`), so a bad line is named by its number; any other failure, and
+    an empty file, is a DataError that names the file and the problem.
+    """
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    if path.suffix == ".jsonl":
+        check_jsonl(path)
+    try:
+        dataset = hf_load(LOCAL_FORMATS[path.suffix], split="train", data_files=str(path), label=str(path))
+    except DataError:
+        problem = file_problem(path)
+        if problem is None:
+            raise
+        raise DataError(problem) from None
+    if len(dataset) == 0:
+        raise DataError(f"{path} is empty: it has no rows")
+    return _head(dataset, limit)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object that names the same key twice (pyarrow, under `datasets`, refuses those)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """`json.loads` object hook: the object as a dict, or _DuplicateKey naming a key given twice."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        keys = [key for key, _ in pairs]
+        raise _DuplicateKey(next(key for key in keys if keys.count(key) > 1))
+    return row
+
+
+JSON_KINDS = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+"""How a JSON value that is not an object is named in errors (anything else: null)."""
+
+
+def check_jsonl(path: Path) -> None:
+    """Check that every non-blank line of a .jsonl file is one JSON object, and that there is at least one.
+
+    DataError names the file, the line and the problem, e.g. `data.jsonl line 2: not valid JSON (Expecting
+    property name enclosed in double quotes at column 19)`, `data.jsonl line 3: a list, not a JSON object ...`,
+    or `data.jsonl is empty ...` when no line holds anything. Blank lines are skipped, as `datasets` skips them.
+    """
+    count = 0
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            where = f"{path} line {number}"
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip(
+                    "\r\n"
+                )  # an error's column: on this line
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at position {err.start + 1})"
+                ) from None
+            if not text.strip(" \t\r\n"):  # JSON's own whitespace: a form feed is an error, not a blank
+                continue
+            try:
+                value = json.loads(text, object_pairs_hook=_unique_keys)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            except _DuplicateKey as err:
+                raise DataError(f"{where}: the key {str(err)!r} appears twice in one object") from None
+            if not isinstance(value, dict):
+                kind = JSON_KINDS.get(type(value), "null")
+                raise DataError(
+                    f"{where}: {kind}, not a JSON object; each line of a .jsonl file must be one object, "
+                    'such as {"prompt": "...", "answer": "..."}'
+                )
+            count += 1
+    if count == 0:
+        raise DataError(f"{path} is empty: it has no rows (a .jsonl file holds one JSON object per line)")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `datasets` could not read a local file, when a plain look finds it: an empty file or an empty list,
+    a .json file that is not valid JSON (line and column). None when the look finds nothing wrong."""
+    if path.stat().st_size == 0:
+        return f"{path} is empty: it has no rows (0 bytes)"
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            empty = pq.read_metadata(path).num_rows == 0
+        except Exception:  # noqa: BLE001 - not a parquet file at all: datasets' own error says so
+            return None
+        return f"{path} is empty: it has no rows" if empty else None
+    if path.suffix != ".json":
+        return None
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        return f"{path}: not UTF-8 text ({err.reason} at byte position {err.start + 1})"
+    except json.JSONDecodeError as err:
+        if not err.doc.strip():
+            return f"{path} is empty: it has no rows (only whitespace)"
+        if err.msg == "Extra data":  # one object per line, which datasets reads too: check it as JSON Lines
+            check_jsonl(path)
+            return None
+        return f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    return f"{path} is empty: it has no rows" if value in ([], {}) else None
 
 
 def select_split(

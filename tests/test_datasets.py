@@ -257,6 +257,94 @@ def test_missing_local_file_is_a_data_error(tmp_path):
         load_rows(str(tmp_path / "nope.jsonl"))
 
 
+ONE_OBJECT = 'each line of a .jsonl file must be one object, such as {"prompt": "...", "answer": "..."}'
+
+
+@pytest.mark.parametrize(
+    "second_line, problem",
+    [
+        (
+            '{"prompt": "b", oops: 1}',
+            "not valid JSON (Expecting property name enclosed in double quotes at column 17)",
+        ),
+        ('{"prompt": "b"', "not valid JSON (Expecting ',' delimiter at column 15)"),  # a truncated line
+        ("[1, 2]", f"a list, not a JSON object; {ONE_OBJECT}"),
+        ("5", f"a number, not a JSON object; {ONE_OBJECT}"),
+        ("null", f"null, not a JSON object; {ONE_OBJECT}"),
+        ('{"prompt": "b", "prompt": "c"}', "the key 'prompt' appears twice in one object"),
+    ],
+)
+def test_a_bad_jsonl_line_is_named_by_file_line_and_problem(tmp_path, second_line, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n' + second_line + "\n")
+    with pytest.raises(DataError) as err:
+        load_rows(str(path))
+    assert str(err.value) == f"{path} line 2: {problem}"
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("empty.jsonl", "", "(a .jsonl file holds one JSON object per line)"),
+        ("blank.jsonl", "\n  \n\n", "(a .jsonl file holds one JSON object per line)"),
+        ("empty.json", "", "(0 bytes)"),
+        ("list.json", "[]", ""),
+    ],
+)
+def test_an_empty_file_says_it_is_empty(tmp_path, name, content, why):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_rows(str(path))
+    assert str(err.value) == f"{path} is empty: it has no rows {why}".strip()
+
+
+def test_an_empty_parquet_file_says_it_is_empty(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match=r"empty.parquet is empty: it has no rows$"):
+        load_rows(str(path))
+
+
+def test_unreadable_json_and_parquet_files_name_the_file_and_the_problem(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"prompt": "a"},\n {"prompt": "b"')
+    with pytest.raises(DataError) as err:
+        load_rows(str(path))
+    assert str(err.value) == f"{path}: not valid JSON (Expecting ',' delimiter at line 2 column 16)"
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(DataError) as err:
+        load_rows(str(path))
+    assert str(err.value).startswith(
+        f"could not load dataset {path}: Parquet"
+    )  # pyarrow's words under datasets'
+    assert "An error occurred while generating the dataset" not in str(err.value)
+
+
+def test_valid_jsonl_rows_are_what_the_datasets_json_builder_makes_of_them(tmp_path):
+    """The line check only looks: `datasets` still builds the rows (missing keys None, one type a column)."""
+    import datasets
+
+    rows = [
+        {"prompt": "q é 😀", "answer": 3, "tests": ["assert f(1)", "x"], "meta": {"level": 2, "tags": ["a"]}},
+        {"prompt": "q2", "answer": 4, "score": 0.5},
+        {"answer": 5, "tests": [], "prompt": "q3", "score": 1, "flag": True, "nothing": None},
+    ]
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    path.write_bytes(("\ufeff" + lines[0] + "\r\n\r\n  " + lines[1] + "\t\n" + lines[2]).encode())
+    out = load_rows(str(path))
+    assert out == datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    assert [list(r) for r in out] == [list(out[0])] * 3  # every row has every column, in one order
+    assert [r["answer"] for r in out] == [3, 4, 5] and all(type(r["answer"]) is int for r in out)
+    assert out[0]["tests"] == ["assert f(1)", "x"] and out[0]["meta"] == {"level": 2, "tags": ["a"]}
+    assert out[1]["tests"] is None and out[0]["prompt"] == "q é 😀"
+
+
 def test_builtin_arithmetic_still_loads():
     rows = load_rows("builtin:arithmetic", "test", limit=5)
     assert len(rows) == 5 and {"prompt", "answer"} <= set(rows[0])
