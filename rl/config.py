@@ -188,7 +188,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the policy runs: auto picks CUDA when available."""
     threads: int | None = None
-    """CPU threads for torch (null = torch's default)."""
+    """CPU threads for torch. null: as many as the cores other processes leave free, re-checked every step
+    (at most torch's default; rl/cpu.py), so a busy machine slows the run in proportion, not 8x. A number fixes
+    the count (as does train.deterministic, whose results depend on it)."""
     sharding: Literal["ddp", "fsdp"] = "ddp"
     """With several ranks: `ddp` keeps a full copy of the policy, its gradients and AdamW state on every rank
     and averages gradients (DistributedDataParallel); `fsdp` shards all three over the ranks (FSDP2,

@@ -27,6 +27,7 @@ from rewards import RewardScorer
 from rl import metrics as M
 from rl.checkpoint import load_training_state, replaced_atomically, save_checkpoint
 from rl.config import Config, config_yaml, to_dict
+from rl.cpu import CpuShare
 from rl.data import PromptSampler, PromptSet
 from rl.distributed import Distributed
 from rl.errors import AhaError
@@ -114,6 +115,8 @@ def train(config: Config) -> Path:
     trainer = run.trainer
     evaluations: dict[str, list[dict]] = {}
     stop = GracefulStop(run.console)
+    fixed = config.train.threads or (torch.get_num_threads() if config.train.deterministic else None)
+    cpu = CpuShare(fixed if run.device.type == "cpu" else torch.get_num_threads())
     try:
         if run.eval_set is not None and run.start_step == 1:
             with run.generation_weights():  # every rank joins the all-gather, rank 0 evaluates
@@ -124,6 +127,7 @@ def train(config: Config) -> Path:
 
         for step in range(run.start_step, config.train.steps + 1):
             step_start = time.perf_counter()
+            threads = cpu.adjust()  # the cores other processes leave free (rl/cpu.py)
 
             # ---- 1-3. prompts -> G completions each -> rewards (+ dynamic sampling rounds) -------------------
             batch = sample_batch(run, params, step)
@@ -175,6 +179,7 @@ def train(config: Config) -> Path:
                 )
             )
             row["perf/peak_mem_gib"] = M.peak_memory_gib(run.device)
+            row["perf/threads"] = float(threads)
             row = run.dist.reduce_metrics(row)
             last = step == config.train.steps
             due = last or (config.eval.every and step % config.eval.every == 0)
