@@ -98,6 +98,17 @@ class VLLMEngineConfig:
     """Disable CUDA graphs / torch.compile in vLLM (faster start, slower decoding)."""
     cpu_kv_cache_gib: int = 2
     """KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    max_num_seqs: int = 256
+    """Most sequences vLLM decodes at once. Its default on large GPUs (1024) makes its memory profiler reserve
+    activations for a batch a colocated RL step rarely runs, which shrinks the KV cache."""
+    max_num_batched_tokens: int = 4096
+    """Most tokens in one vLLM forward (prefill chunks included; TRL's colocate mode uses 4096). Larger
+    prefills faster but takes memory from the KV cache at a low gpu_memory_utilization; the start-up line
+    `vLLM engine: KV cache N tokens` shows what is left."""
+    logits_dtype: Literal["float32", "model"] = "float32"
+    """The LM head's output dtype in vLLM: float32 (`hf_overrides={"head_dtype": "float32"}`) matches the
+    trainer's float32 log-probs (vLLM calls it required for RL consistency; on CUDA it is the same bf16 GEMM
+    with a float32 output); `model` computes logits in the engine's dtype (bf16)."""
 
 
 @dataclass

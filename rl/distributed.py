@@ -251,6 +251,26 @@ class Distributed:
                 out[key] = sum(values) / len(values)
         return out
 
+    @contextlib.contextmanager
+    def together(self, what: str) -> Iterator[None]:
+        """A phase that may fail on some ranks only (engine start-up, a weight sync, sampling and scoring):
+        at its end every rank votes, and if any failed, every rank stops with that news instead of waiting in
+        the next collective until the process group times out. A failing rank joins the vote, then raises its
+        own error; the others raise AhaError naming it."""
+        if not self.enabled:
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self.gather_objects(self.rank)  # this rank failed
+            raise
+        failed = [r for r in self.gather_objects(None) if r is not None]
+        if failed:
+            raise AhaError(
+                f"rank {failed[0]} failed while {what} (its error is in its output); stopping rank {self.rank} too"
+            )
+
     def barrier(self) -> None:
         if self.enabled:
             self.accelerator.wait_for_everyone()

@@ -157,8 +157,9 @@ def train(config: Config) -> Path:
 
             # ---- 6. weight sync -----------------------------------------------------------------------------
             t = time.perf_counter()
-            engine.wake()
-            engine.update_weights(policy)
+            with run.dist.together("syncing the weights into the rollout engine"):
+                engine.wake()
+                engine.update_weights(policy)
             sync_s = time.perf_counter() - t
 
             # ---- 7. metrics, alarms, samples, checkpoint ----------------------------------------------------
@@ -229,6 +230,7 @@ def start_run(config: Config) -> Run:
     file or model leaves every earlier run as it was."""
     device, dist = _runtime(config)
     plan = plan_run(to_dict(config), config.run_dir, config.run.resume, config.run.overwrite)
+    dist.barrier()  # every rank has read the run directory before rank 0 may change it (open_run_dir)
     resume_from = plan.resume_from
     scorer = RewardScorer(config.rewards)  # a reward that cannot be imported fails before the model loads
     console = Console(
@@ -236,11 +238,15 @@ def start_run(config: Config) -> Run:
     )
     engine = None
     try:
-        tokenizer, policy, reference, policy_path = _load_models(config, device, dist, resume_from)
-        train_set, eval_set = _load_data(config, tokenizer)
-        engine = _build_engine(config, policy, tokenizer, policy_path)
-        if config.model.lora.r and resume_from:
-            engine.update_weights(policy)  # the engine started from the base weights; give it the adapters
+        with dist.together("loading the model and data"):
+            tokenizer, policy, reference, policy_path = _load_models(config, device, dist, resume_from)
+            train_set, eval_set = _load_data(config, tokenizer)
+        with dist.together("starting the rollout engine"):
+            engine = _build_engine(config, policy, tokenizer, policy_path)
+            if config.model.lora.r and resume_from:
+                engine.update_weights(
+                    policy
+                )  # the engine started from the base weights; give it the adapters
         # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
         # optimizer is built on what this returns.
         trainer = dist.wrap(CompletionLogprobs(policy))
@@ -285,8 +291,9 @@ def start_run(config: Config) -> Run:
         run.alarms.load_state_dict(state["alarms"])
         run.start_step, run.skipped_in_a_row = state["step"] + 1, state["skipped_in_a_row"]
         run.console.message(f"resuming from {resume_from} at step {run.start_step}", style="cyan")
-    for note in run.loggers.warnings:
-        run.console.message(note)
+    for note in [engine.summary, *run.loggers.warnings]:
+        if note:
+            run.console.message(note)
     for data_set, name in ((train_set, "training"), (eval_set, "held-out")):
         if data_set is not None and data_set.skipped:
             run.console.message(f"skipped {data_set.skipped} bad {name} rows (data.on_bad_row=skip)")
@@ -537,16 +544,17 @@ def sample_batch(run: Run, params: SamplingParams, step: int) -> StepBatch:
         all_rows = run.sampler.next_batch(missing * dist.world)
         rows = dist.shard(all_rows)[: wanted - len(kept)]
         base = (config.train.seed * 1_000_003 + step * 1_009 + rounds) * 65_536 + dist.rank * missing
-        t = time.perf_counter()
-        with run.generation_weights():
-            groups = run.engine.generate(
-                [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=base)
-            )
-        rollout_s += time.perf_counter() - t
-        completions = [c for group in groups for c in group]
-        t = time.perf_counter()
-        scores = run.train_set.score(run.scorer, rows, completions, group_size)
-        reward_s += time.perf_counter() - t
+        with dist.together("sampling and scoring"):
+            t = time.perf_counter()
+            with run.generation_weights():
+                groups = run.engine.generate(
+                    [run.train_set.ids[r] for r in rows], dataclasses.replace(params, seed=base)
+                )
+            rollout_s += time.perf_counter() - t
+            completions = [c for group in groups for c in group]
+            t = time.perf_counter()
+            scores = run.train_set.score(run.scorer, rows, completions, group_size)
+            reward_s += time.perf_counter() - t
 
         rewards = torch.tensor(scores.total, dtype=torch.float32)  # [P * G]
         truncated = torch.tensor([c.finish_reason == "length" for c in completions])
@@ -607,6 +615,7 @@ def evaluate(
         top_p=config.rollout.top_p if config.eval.temperature else 1.0,
         stop=tuple(config.rollout.stop),
         seed=config.train.seed,
+        logprobs=False,  # unused here, and they cost vLLM half its throughput at a large vocabulary
     )
     rows = list(range(len(eval_set)))
     completions = [c for group in engine.generate(eval_set.ids, params) for c in group]

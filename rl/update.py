@@ -147,6 +147,7 @@ def update_policy(
                 sums.skip_step()
                 continue
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # freed now: a colocated engine needs the memory next
             scheduler.step()
             sums.add_step(grad_norm, scheduler.get_last_lr()[0])
     return sums.metrics()

@@ -35,6 +35,10 @@ class SamplingParams:
     seed: int | None = None
     """Prompt i of a `generate` call is sampled from a stream determined by `seed + i` alone: reproducible,
     and independent of the other prompts in the call. None = unseeded."""
+    logprobs: bool = True
+    """Return each sampled token's log-prob (`Completion.logprobs`). Evaluation does not use them, and vLLM's
+    throughput halves when it computes them at a 152k vocabulary (measured on an H100): ask only when used.
+    An engine may return [] when False."""
 
 
 @dataclass
@@ -50,6 +54,9 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    summary: str
+    """One line on what the engine set itself up with (e.g. vLLM's KV-cache size), printed at start-up."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """For each prompt (token ids), `params.n` completions."""
         ...
@@ -85,27 +92,37 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     the engine samples from exactly the policy being trained while the trainer's W is never touched (merging
     and unmerging in place would drift W by rounding error every step).
 
+    Lazy: each merged tensor (and a sharded tensor's gathered whole) is made only when the consumer asks for
+    it, so a sync holds about one extra tensor at a time, never a second copy of the adapted weights.
+
         engine_model.load_weights(merged_weights(policy))
     """
     is_peft = hasattr(policy, "peft_config")
-    deltas: dict[str, torch.Tensor] = {}
-    if is_peft:
-        for name, module in policy.named_modules():
-            if (
-                hasattr(module, "get_delta_weight")
-                and hasattr(module, "base_layer")
-                and not module.disable_adapters
-            ):
-                active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
-                if active:
-                    deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in active)
+    adapted = _adapted_layers(policy) if is_peft else {}
     for name, tensor in policy.state_dict().items():
         if is_sharded(tensor):  # gathered whole, on every rank
             tensor = tensor.full_tensor()
         if is_peft:
             if "lora_" in name:
                 continue
-            if name in deltas:
-                tensor = tensor + deltas[name].to(tensor.dtype)
+            if name in adapted:
+                module, active = adapted[name]
+                tensor = tensor + sum(module.get_delta_weight(a) for a in active).to(tensor.dtype)
             name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         yield name, tensor
+
+
+def _adapted_layers(policy: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """State-dict name of each LoRA-adapted base weight -> (its LoRA layer, the active adapters); references
+    only, no tensor is computed."""
+    layers = {}
+    for name, module in policy.named_modules():
+        if (
+            hasattr(module, "get_delta_weight")
+            and hasattr(module, "base_layer")
+            and not module.disable_adapters
+        ):
+            active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+            if active:
+                layers[f"{name}.base_layer.weight"] = (module, active)
+    return layers

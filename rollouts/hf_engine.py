@@ -36,6 +36,7 @@ class TransformersEngine:
         gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(i for i in eos if i is not None)
+        self.summary = ""
 
     # The engine samples from the trainer's own module: nothing to copy, nothing to release.
     def update_weights(self, policy: torch.nn.Module) -> None:

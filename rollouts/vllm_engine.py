@@ -61,6 +61,9 @@ class VLLMEngine:
         max_model_len: int | None,
         enforce_eager: bool,
         cpu_kv_cache_gib: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
+        logits_dtype: str = "float32",
     ) -> None:
         vllm = _import_vllm()
         from vllm.platforms import current_platform
@@ -69,19 +72,52 @@ class VLLMEngine:
         self.on_cpu = current_platform.is_cpu()
         # vLLM has no sleep mode on CPU: sleep()/wake() are no-ops there.
         self.sleep_level = 0 if self.on_cpu else sleep_level
-        self._asleep = False
+        self._asleep = False  # the weights' memory is released (wake() takes it back)
+        self._kv_asleep = False  # the KV cache is released (taken back after the next weight sync)
         self._weights_discarded = False
         self._failure: str | None = None
         self._warned_top_p = False
-
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if max_model_len is None:
             # Prompt limit + completion limit, but never past what the model's positions allow (vLLM refuses).
             model_max = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
             max_model_len = min(context_len, model_max) if model_max else context_len
+        kwargs = self._llm_kwargs(
+            str(model_path),
+            dtype,
+            seed,
+            max_model_len,
+            enforce_eager,
+            gpu_memory_utilization,
+            cpu_kv_cache_gib,
+        )
+        kwargs.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        if logits_dtype == "float32" and dtype != "float32":
+            # The LM head's logits in float32 as the trainer computes them; vLLM's own comment calls it
+            # required for RL training-inference consistency. On CUDA a bf16 GEMM with a float32 output.
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        self.llm = self._start(vllm, kwargs)
+        self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
+        self.summary = _kv_cache_summary(self.llm, kwargs)
+        logger.info("%s", self.summary)
+        _quiet_reload_warnings()
+        self._check_device()
+        self._warm_up(model_path)
+
+    def _llm_kwargs(
+        self,
+        model_path: str,
+        dtype: str,
+        seed: int,
+        max_model_len: int,
+        enforce_eager: bool,
+        gpu_memory_utilization: float,
+        cpu_kv_cache_gib: int,
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
-            model=str(model_path),
+            model=model_path,
             dtype=dtype,
-            seed=seed,
+            seed=seed + self.local_rank,  # each rank's engine its own stream (requests carry their own seeds)
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             # The sampled token's log-prob after temperature scaling: what the trainer recomputes.
@@ -92,25 +128,47 @@ class VLLMEngine:
             # On CPU gpu_memory_utilization would mean "fraction of RAM"; a fixed KV-cache size is clearer.
             # A VLLM_CPU_KVCACHE_SPACE set in the environment still wins (vLLM reads it itself).
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_gib * 2**30
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = self.sleep_level > 0
+            return kwargs
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = self.sleep_level > 0
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # One engine per rank on the rank's own GPU, tensor parallel 1 (TRL's colocate mode). Without it
+            # vLLM's in-process executor takes cuda:0 on every rank.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs["tensor_parallel_size"] = 1
+        return kwargs
 
+    def _start(self, vllm: Any, kwargs: dict[str, Any]) -> Any:
+        if not self.on_cpu and torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)  # before vLLM touches CUDA (docs/distributed.md)
         # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process (it assumes the
         # process is its own). In-process it binds no threads, so the trainer gets the real function back.
         set_num_threads = torch.set_num_threads
         try:
-            self.llm = vllm.LLM(**kwargs)
+            return vllm.LLM(**kwargs)
         except Exception as err:
-            raise EngineError(f"vLLM could not start on {model_path!r}: {_describe(err)}") from err
+            raise EngineError(f"vLLM could not start on {kwargs['model']!r}: {_describe(err)}") from err
         finally:
             torch.set_num_threads = set_num_threads
-        self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
-        _quiet_reload_warnings()
-        # One token now, so that a model vLLM can load but not run (e.g. an attention head size its CPU
-        # kernels lack) fails at start-up rather than at the first training step.
+
+    def _check_device(self) -> None:
+        """Each rank's engine must run on the rank's own GPU, and leave it as the process's current device."""
+        if self.on_cpu or not torch.cuda.is_available():
+            return
+        current = torch.cuda.current_device()
+        if current != self.local_rank:
+            self.close()
+            raise EngineError(
+                f"vLLM left cuda:{current} as the current device of the rank with LOCAL_RANK={self.local_rank}: "
+                "every rank's engine would share one GPU. Launch with accelerate or torchrun (they set "
+                "LOCAL_RANK), one process per GPU"
+            )
+
+    def _warm_up(self, model_path: str) -> None:
+        """One token now, so that a model vLLM can load but not run (e.g. an attention head size its CPU
+        kernels lack) fails at start-up rather than at the first training step."""
         try:
-            self.generate([[0]], SamplingParams(n=1, max_new_tokens=1, temperature=0.0))
+            self.generate([[0]], SamplingParams(n=1, max_new_tokens=1, temperature=0.0, logprobs=False))
         except EngineError as err:
             hint = ""
             if self.on_cpu and "head_dim" in str(self._failure):
@@ -148,7 +206,9 @@ class VLLMEngine:
         try:
             outputs = self.llm.generate(requests, sampling, use_tqdm=False)
             flat = [
-                self._completion(c) for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)
+                self._completion(c, params.logprobs)
+                for out in outputs
+                for c in sorted(out.outputs, key=lambda c: c.index)
             ]
         except EngineError:
             raise
@@ -168,19 +228,21 @@ class VLLMEngine:
             seed=seed,
             stop=list(params.stop) or None,
             include_stop_str_in_output=True,
-            logprobs=0,  # just the sampled token's
+            logprobs=0 if params.logprobs else None,  # just the sampled token's; they cost throughput
             detokenize=bool(params.stop),  # vLLM only needs text to find stop strings; we decode ourselves
         )
 
-    def _completion(self, out: Any) -> Completion:
+    def _completion(self, out: Any, with_logprobs: bool) -> Completion:
         ids = list(out.token_ids)
         if out.finish_reason not in ("stop", "length"):
             raise EngineError(f"vLLM ended a completion with finish_reason={out.finish_reason!r}")
-        if out.logprobs is None or len(out.logprobs) != len(ids):
+        if with_logprobs and (out.logprobs is None or len(out.logprobs) != len(ids)):
             raise EngineError("vLLM returned no log-prob for some sampled tokens")
         return Completion(
             token_ids=ids,
-            logprobs=[float(step[tok].logprob) for step, tok in zip(out.logprobs, ids, strict=True)],
+            logprobs=[float(step[tok].logprob) for step, tok in zip(out.logprobs, ids, strict=True)]
+            if with_logprobs
+            else [],
             finish_reason=out.finish_reason,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
         )
@@ -188,16 +250,27 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------------- weight sync
 
     def update_weights(self, policy: torch.nn.Module) -> None:
-        """Copy the policy's current weights into vLLM's model, in place, through memory."""
+        """Copy the policy's current weights into vLLM's model, in place, through memory; then the KV cache
+        comes back if sleep released it (so loading never has it allocated beside the weights)."""
         self._check_usable(sampling=False)  # new weights are what a level-2 sleep is waiting for
+        sent = self._weights(policy)
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._weights(policy)})
-            if self._weights_discarded:  # level 2: the KV cache comes back only now, after the weights
+            with _UnloadedWeights() as unloaded:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": sent})
+            if unloaded.names:
+                raise EngineError(
+                    f"the weight sync left engine parameters without a new tensor: {sorted(unloaded.names)}. "
+                    "After a level-2 sleep they would hold garbage; the policy's state_dict names must cover "
+                    "every weight of the engine's model"
+                )
+            if self._kv_asleep:
                 self.llm.wake_up(tags=["kv_cache"])
-            # Cached prompt KV was computed with the old weights.
-            self.llm.reset_prefix_cache()
+                self._kv_asleep = False
+            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         except Exception as err:
-            self._failure = _describe(err)
+            for _ in sent:  # the other ranks' gathers (FSDP full_tensor) go on: join them all, then fail
+                pass
+            self._failure = str(err) if isinstance(err, EngineError) else _describe(err)
             raise EngineError(
                 f"vLLM could not load the new weights: {self._failure}. In-place reload needs a vLLM with "
                 "reload_weights(weights_iterator=...) (tested: 0.26 on CUDA, 0.32 on CPU)"
@@ -229,19 +302,22 @@ class VLLMEngine:
             raise EngineError(
                 f"vLLM could not go to sleep (level {self.sleep_level}): {self._failure}"
             ) from err
-        self._asleep = True
+        self._asleep = self._kv_asleep = True
         self._weights_discarded = self.sleep_level >= 2
 
     def wake(self) -> None:
-        """Take the memory back before the next `generate`.
+        """Take the weights' memory back before the weight sync; the KV cache follows the sync.
 
-        Level 2 follows vLLM's documented order: the weights' memory now, the new weights and then the KV cache
-        in `update_weights`, so loading never has the KV cache allocated beside it.
+        TRL's and vLLM's documented order for both levels: the weights now, the new weights and then the KV
+        cache in `update_weights`, so loading never has the KV cache allocated beside it. PyTorch's cache is
+        emptied first: what the update left cached would otherwise stay out of vLLM's reach.
         """
         if not self._asleep:
             return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         try:
-            self.llm.wake_up(tags=["weights"] if self._weights_discarded else None)
+            self.llm.wake_up(tags=["weights"])
         except Exception as err:
             self._failure = _describe(err)
             raise EngineError(f"vLLM could not wake up: {self._failure}") from err
@@ -266,9 +342,10 @@ class VLLMEngine:
             raise EngineError(f"the vLLM engine failed earlier and cannot be used again: {self._failure}")
         if self._asleep:
             raise EngineError("the vLLM engine is asleep: call wake() first")
-        if sampling and self._weights_discarded:
+        if sampling and (self._weights_discarded or self._kv_asleep):
             raise EngineError(
-                "sleep_level=2 discarded the engine's weights: call update_weights() after wake()"
+                "the engine's weights or KV cache are still released after sleep: call update_weights() "
+                "after wake()"
             )
 
 
@@ -280,6 +357,9 @@ def _import_vllm() -> Any:
     # In-process: the weight iterator is passed by reference (nothing to pickle), and a failure inside vLLM
     # raises here instead of leaving the trainer waiting on a dead engine process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # aha never uses FlashInfer's sampler (explicit seeds and processed log-probs turn it off), but vLLM's
+    # start-up JIT-compiles it with nvcc for many minutes, which looks like a hang. The user's setting wins.
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     try:
         import vllm
     except ModuleNotFoundError as err:
@@ -328,6 +408,41 @@ def _describe(err: BaseException) -> str:
     """`Type: message` on one line, cut at 500 characters (vLLM's messages can run to pages)."""
     text = " ".join(str(err).split()) or "(no message)"
     return f"{type(err).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
+
+
+class _UnloadedWeights(logging.Handler):
+    """Catches vLLM's "Following weights were not loaded from checkpoint: {...}" during a reload: vLLM only
+    logs it, and after a level-2 sleep such a weight holds garbage."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.names: set[str] = set()
+        self.logger = logging.getLogger("vllm")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "were not loaded" in str(record.msg) and record.args:
+            names = record.args[0] if isinstance(record.args, tuple) else record.args
+            self.names |= {str(n) for n in names} if isinstance(names, set | list | tuple) else {str(names)}
+
+    def __enter__(self) -> _UnloadedWeights:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
+def _kv_cache_summary(llm: Any, kwargs: dict[str, Any]) -> str:
+    """What vLLM made of its memory budget: the KV cache in tokens (and so how many full-length sequences
+    fit), with the batch limits that shape its memory profile."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None) or 0
+    tokens = blocks * cache.block_size
+    seqs = tokens / kwargs["max_model_len"] if kwargs.get("max_model_len") else float("nan")
+    return (
+        f"vLLM engine: KV cache {tokens} tokens ({seqs:.0f} sequences of {kwargs.get('max_model_len')} tokens), "
+        f"max_num_seqs {kwargs.get('max_num_seqs')}, max_num_batched_tokens {kwargs.get('max_num_batched_tokens')}"
+    )
 
 
 class _DropRotaryReloadWarning(logging.Filter):

@@ -126,3 +126,43 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
     for key in SAME:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert_same_weights(from_one / "model", sharded / "model")
+
+
+def _vote(rank: int, port: int, failing: int | None, results) -> None:
+    """One rank of `test_a_failure_on_one_rank_stops_every_rank_with_its_news`."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    from rl.distributed import Distributed
+
+    dist = Distributed(torch.device("cpu"))
+    try:
+        with dist.together("starting the rollout engine"):
+            if rank == failing:
+                raise RuntimeError("vLLM could not start: out of memory")
+        results.put((rank, "ok"))
+    except Exception as err:
+        results.put((rank, f"{type(err).__name__}: {err}"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing", [None, 1])
+def test_a_failure_on_one_rank_stops_every_rank_with_its_news(failing):
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = 29700 + (failing or 0)
+    ranks = [context.Process(target=_vote, args=(r, port, failing, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(timeout=60)
+    if failing is None:
+        assert got == {0: "ok", 1: "ok"}
+    else:  # the failing rank raises its own error; the other learns it at once instead of hanging
+        assert got[1] == "RuntimeError: vLLM could not start: out of memory"
+        assert (
+            got[0]
+            == "AhaError: rank 1 failed while starting the rollout engine (its error is in its output); stopping rank 0 too"
+        )

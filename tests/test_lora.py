@@ -71,6 +71,32 @@ def test_merged_weights_are_base_named_and_include_the_lora_update(tiny_model):
     assert torch.equal(layer.base_layer.weight, before)  # computed out of place: the trainer's W is untouched
 
 
+def test_a_lora_sync_holds_about_one_merged_tensor_at_a_time(tiny_model, monkeypatch):
+    import gc
+    import weakref
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base_tensors = len(tiny_model.state_dict())
+    peft = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    calls = []
+    real = LoraLinear.get_delta_weight
+    monkeypatch.setattr(LoraLinear, "get_delta_weight", lambda self, a: calls.append(1) or real(self, a))
+    sent, merged_sent, earlier = 0, 0, []
+    for name, tensor in merged_weights(peft):  # an engine copies each tensor, then asks for the next
+        merged_sent += name.endswith("_proj.weight")
+        # lazy: a delta is computed only for the tensor going out now (up front, all 14 came before the first)
+        assert len(calls) <= merged_sent, (name, len(calls), merged_sent)
+        if name.endswith("_proj.weight"):
+            earlier.append(weakref.ref(tensor))
+        sent += 1
+        del tensor
+        gc.collect()
+        assert all(r() is None for r in earlier[:-1])  # the sync keeps no tensor it sent before this one
+    assert sent == base_tensors and merged_sent == len(calls) == 14
+
+
 def test_engine_samples_from_the_updated_lora_policy(tiny_model, tokenizer):
     peft = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     engine = TransformersEngine(peft, tokenizer)

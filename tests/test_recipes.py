@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from rl.cli import shipped_recipes
 from rl.config import load_config
 from rl.errors import DataError
+from rl.gpu_memory import GPU_GIB, count_params, plan_memory
 from rl.train import train
 
 RECIPES = shipped_recipes()
@@ -161,3 +163,49 @@ def test_held_out_rows_that_are_also_training_rows_are_dropped(tmp_path, tiny_mo
     assert [r["prompt"] for r in eval_set.rows] == [extra["prompt"]]
     with pytest.raises(DataError, match="also in the training data"):
         train(load_config(None, [*base, f"eval.source={data}"]))
+
+
+# ------------------------------------------------------------------------------------- GPU memory arithmetic
+MODEL_CONFIGS = Path(__file__).parent / "fixtures" / "model_configs"  # public config.json architecture fields
+
+
+def _gpu_recipes() -> list[str]:
+    return sorted(n for n in RECIPES if (MODEL_CONFIGS / f"{_model(n).replace('/', '--')}.json").is_file())
+
+
+def _model(name: str) -> str:
+    return load_config(RECIPES[name]).model.path
+
+
+@pytest.mark.parametrize(
+    "model, published",
+    [("Qwen/Qwen2.5-0.5B", 0.49e9), ("Qwen/Qwen2.5-Math-1.5B", 1.54e9), ("Qwen/Qwen2.5-3B", 3.09e9)],
+)
+def test_parameter_counts_from_the_config_match_the_published_sizes(model, published):
+    hf = json.loads((MODEL_CONFIGS / f"{model.replace('/', '--')}.json").read_text())
+    assert count_params(hf) == pytest.approx(published, rel=0.01)
+
+
+def test_the_countdown_3b_arithmetic_by_hand():
+    # 3.086e9 parameters: fp32 weights 11.5 GiB, AdamW 23.0, fp32 reference 11.5, vLLM 0.3 x 79.6 = 23.9
+    plan = plan_memory(3_085_938_688, 79.6, "float32", reference=True, vllm_utilization=0.3)
+    assert (round(plan.rollout, 1), round(plan.update, 1)) == (69.9, 57.5)
+    # with the gradients kept through the rollout (as before) the first wake needed 81.4 GiB: more than the GPU
+    assert round(plan.rollout + plan.gradients, 1) == 81.4 > plan.gpu_gib
+
+
+@pytest.mark.parametrize("name", _gpu_recipes())
+def test_gpu_recipe_fits_its_stated_gpu_and_its_header_says_how(name):
+    config = load_config(RECIPES[name])
+    text = RECIPES[name].read_text()
+    sizes = [size for size in GPU_GIB if f"{size} GPU" in text or f"{size}+ GPU" in text]
+    assert len(sizes) == 1, f"{name}: the Hardware line must name one GPU size of {list(GPU_GIB)}"
+    hf = json.loads((MODEL_CONFIGS / f"{config.model.path.replace('/', '--')}.json").read_text())
+    vllm = config.rollout.vllm
+    plan = plan_memory(
+        count_params(hf), GPU_GIB[sizes[0]], config.model.dtype, 0, config.algorithm.kl_coef > 0,
+        vllm.gpu_memory_utilization, vllm.sleep_level,
+    )  # fmt: skip
+    assert plan.fits, f"{name} does not fit its {sizes[0]} GPU: {plan.describe()}"
+    header = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+    assert f"Memory (rl/gpu_memory.py): {plan.describe()}" in header, name

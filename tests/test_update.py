@@ -51,6 +51,20 @@ def test_update_is_the_same_whichever_order_micro_batches_take(tiny_model, token
     assert_close_float32(results[0], results[1])  # the same update, its gradients summed in another order
 
 
+def test_the_update_leaves_no_gradients_for_the_rollout_that_follows(tiny_model, tokenizer):
+    # a colocated vLLM engine wakes into the memory the gradients would hold (rl/gpu_memory.py)
+    samples = [_sample(g, [5, 6, 7], n, advantage=a) for g, n, a in ((0, 3, 1.0), (1, 5, -1.0))]
+    config = load_config(None, ["algorithm.minibatches=2", "train.prompts_per_step=2"])
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    metrics = update_policy(
+        CompletionLogprobs(tiny_model), tiny_model, None, optimizer, scheduler, samples, config,
+        tokenizer.pad_token_id, Distributed(torch.device("cpu")),
+    )  # fmt: skip
+    assert metrics["optim/updates"] == 2.0
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
 def test_reference_logprobs_build_no_graph(tiny_model):
     from rl.logprobs import pack
     from rl.update import reference_logprobs

@@ -1,0 +1,135 @@
+"""The vLLM engine's GPU path, on CPU: a stand-in `vllm` module records what the engine asks of vLLM.
+
+What only a GPU shows (placement, sleep memory, CUDA graphs) is `benchmarks/gpu_check.py`'s; here the logic
+that decides it: one engine per rank with vLLM's external launcher and a per-rank seed, the batch limits and
+float32 logits passed through, FlashInfer's sampler off, log-probs asked for only when used.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rollouts.base import SamplingParams
+
+
+class FakeLLM:
+    """Records its constructor's kwargs and the sampling params of each generate call."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        FakeLLM.made.append(kwargs)
+        self.kwargs, self.sampled = kwargs, []
+        cache = SimpleNamespace(num_gpu_blocks=100, block_size=16)
+        self.llm_engine = SimpleNamespace(
+            model_config=SimpleNamespace(dtype=torch.bfloat16),
+            vllm_config=SimpleNamespace(cache_config=cache),
+        )
+
+    def generate(self, requests, sampling, use_tqdm=False):
+        self.sampled += sampling
+        logprobs = lambda p: [{7: SimpleNamespace(logprob=-0.5)}] if p.logprobs is not None else None  # noqa: E731
+        return [
+            SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(index=0, token_ids=[7], finish_reason="length", logprobs=logprobs(p))
+                ]
+            )
+            for p in sampling
+        ]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A `vllm` package with LLM, SamplingParams, TokensPrompt and a GPU platform."""
+    FakeLLM.made = []
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = SimpleNamespace(is_cpu=lambda: False)
+    for name, module in (("vllm", vllm), ("vllm.inputs", inputs), ("vllm.platforms", platforms)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return vllm
+
+
+def _engine(tokenizer, **overrides):
+    from rollouts.vllm_engine import VLLMEngine
+
+    options = dict(
+        policy=torch.nn.Linear(1, 1), tokenizer=tokenizer, model_path="m", dtype="bfloat16", context_len=64,
+        seed=3, gpu_memory_utilization=0.3, sleep_level=1, max_model_len=None, enforce_eager=False,
+        cpu_kv_cache_gib=1,
+    )  # fmt: skip
+    return VLLMEngine(**{**options, **overrides})
+
+
+def test_one_process_builds_one_engine_with_rl_batch_limits_and_float32_logits(fake_vllm, tokenizer):
+    engine = _engine(tokenizer)
+    (kwargs,) = FakeLLM.made
+    assert kwargs["max_num_seqs"] == 256 and kwargs["max_num_batched_tokens"] == 4096
+    assert kwargs["hf_overrides"] == {"head_dtype": "float32"}  # the trainer's logits are float32
+    assert "distributed_executor_backend" not in kwargs and kwargs["seed"] == 3
+    assert kwargs["enable_sleep_mode"] and kwargs["gpu_memory_utilization"] == 0.3
+    assert engine.summary.startswith("vLLM engine: KV cache 1600 tokens (25 sequences of 64 tokens)")
+
+
+def test_model_dtype_logits_and_other_batch_limits_reach_vllm(fake_vllm, tokenizer):
+    _engine(tokenizer, logits_dtype="model", max_num_seqs=64, max_num_batched_tokens=8192)
+    (kwargs,) = FakeLLM.made
+    assert "hf_overrides" not in kwargs and (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (
+        64,
+        8192,
+    )
+    _engine(tokenizer, dtype="float32")  # a float32 engine needs no override
+    assert "hf_overrides" not in FakeLLM.made[-1]
+
+
+def test_each_rank_gets_its_own_engine_through_the_external_launcher(fake_vllm, tokenizer, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    _engine(tokenizer)
+    (kwargs,) = FakeLLM.made
+    assert kwargs["distributed_executor_backend"] == "external_launcher"
+    assert kwargs["tensor_parallel_size"] == 1 and kwargs["seed"] == 3 + 5
+
+
+def test_a_rank_whose_engine_took_another_gpu_fails_at_start_up(fake_vllm, tokenizer, monkeypatch):
+    from rollouts import EngineError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # what vLLM's in-process executor did
+    with pytest.raises(EngineError, match="left cuda:0 as the current device of the rank with LOCAL_RANK=1"):
+        _engine(tokenizer)
+
+
+def test_flashinfer_sampler_is_off_unless_the_user_set_it(fake_vllm, tokenizer, monkeypatch):
+    import os
+
+    _engine(tokenizer)
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    _engine(tokenizer)
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+
+
+def test_log_probs_are_asked_of_vllm_only_when_used(fake_vllm, tokenizer):
+    engine = _engine(tokenizer)
+    with_lp = engine.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=1, seed=0))
+    without = engine.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=1, seed=0, logprobs=False))
+    asked = [p.logprobs for p in engine.llm.sampled[-2:]]
+    assert asked == [0, None]
+    assert with_lp[0][0].logprobs == [-0.5] and without[0][0].logprobs == []
