@@ -84,6 +84,9 @@ class DataConfig:
 class TransformersEngineConfig:
     max_batch_size: int = 256
     """Most sequences decoded at once."""
+    fast_decoding: bool = True
+    """Decode Llama/Qwen2-family models with aha's own decoder (rollouts/llama_decoder.py: a preallocated KV
+    cache, one prefill per group); false, or another model family, decodes through transformers' forward."""
 
 
 @dataclass
