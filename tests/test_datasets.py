@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rl import datasets as D
+from rl import gym as G
 from rl.data import load_rows
 from rl.errors import DataError
 
@@ -369,7 +370,7 @@ def test_gym_tasks_are_seeded_and_train_and_test_never_overlap(task):
     prompts = [r["prompt"] for r in train]
     assert len(set(prompts)) == 8  # no duplicates within a split
     assert not set(prompts) & {r["prompt"] for r in test}
-    assert all(not D.held_out(p, D.GYM_HELD_OUT_PERCENT) for p in prompts)
+    assert all(not D.held_out(p, G.GYM_HELD_OUT_PERCENT) for p in prompts)
     assert all(r["answer"] for r in train + test)
 
 
@@ -392,12 +393,12 @@ def test_countdown_rows_carry_numbers_and_target_that_the_countdown_reward_accep
 
 def test_gym_source_options_and_errors():
     _needs("reasoning_gym")
-    assert D.parse_gym_source("gym:countdown?max_numbers=4&operators=['+', '-']&shuffle=false") == (
+    assert G.parse_gym_source("gym:countdown?max_numbers=4&operators=['+', '-']&shuffle=false") == (
         "countdown",
         {"max_numbers": 4, "operators": ["+", "-"], "shuffle": False},
     )
     # not YAML: kept as text
-    assert D.parse_gym_source("gym:x?a=[1, 2&b=+") == ("x", {"a": "[1, 2", "b": "+"})
+    assert G.parse_gym_source("gym:x?a=[1, 2&b=+") == ("x", {"a": "[1, 2", "b": "+"})
     with pytest.raises(DataError, match="unknown reasoning-gym task 'countdwn'; did you mean countdown"):
         load_rows("gym:countdwn")
     with pytest.raises(DataError, match="gym:countdown has no option\\(s\\) max_number; its options: "):
