@@ -88,7 +88,7 @@ def worker(spec: dict) -> dict:
     from rl.distributed import Distributed
     from rl.logprobs import CompletionLogprobs
     from rl.models import prepare_for_training
-    from rl.update import Sample, update_policy
+    from rl.update import Sample, Trainee, update_policy
 
     rank, checkpointing = MODES[spec["mode"]]
     device = torch.device(spec["device"])
@@ -127,7 +127,9 @@ def worker(spec: dict) -> dict:
 
     def step() -> float:
         start = time.perf_counter()
-        update_policy(trainer, policy, None, optimizer, scheduler, samples, config, 0, Distributed(device))
+        update_policy(
+            Trainee(trainer, policy, None, 0), optimizer, scheduler, samples, config, Distributed(device)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

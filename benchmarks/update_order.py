@@ -70,7 +70,9 @@ def main() -> None:
     def timed(order) -> float:
         update.micro_batch_order = order
         start = time.perf_counter()
-        update.update_policy(trainer, policy, None, optimizer, scheduler, samples, config, 0, dist)
+        update.update_policy(
+            update.Trainee(trainer, policy, None, 0), optimizer, scheduler, samples, config, dist
+        )
         return time.perf_counter() - start
 
     orders = {"as they come": lambda s, _m: s, "length order": length_order}

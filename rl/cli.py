@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TEMPLATES = ("plain", "r1_zero", "boxed", "chat", "chat_boxed")
+"""The prompt templates `aha eval --template` offers: every one `data.template` takes (a test keeps them equal)."""
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -44,7 +46,8 @@ def recipe_description(path: Path) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rl.config import load_config
-    from rl.train import RunStopped, train
+    from rl.run import RunStopped
+    from rl.train import train
 
     items = list(args.items)
     recipe = "default"
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 0.95)")
     p.add_argument(
         "--template",
-        choices=["auto", "plain", "r1_zero", "boxed", "chat"],
+        choices=["auto", *TEMPLATES],
         help="prompt template (default auto: the run's, plain for builtin:arithmetic, chat if the tokenizer "
         "has one, else boxed)",
     )

@@ -136,10 +136,16 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
+    advantage: Literal["grpo", "passk"] = "grpo"
+    """Advantage estimator: grpo (baseline and scale below) or passk (Chen et al. 2025, "Pass@k Training":
+    each sample's share of the group's analytic pass@k; needs 0/1 rewards)."""
+    passk_k: int = 4
+    """k of algorithm.advantage=passk, at most rollout.group_size."""
     baseline: Literal["mean", "loo"] = "mean"
     """Advantage baseline: group mean (GRPO) or leave-one-out mean (RLOO)."""
-    scale: Literal["group", "batch", "none"] = "group"
-    """Advantage scaling: / group std (GRPO), / batch std, or none (Dr. GRPO)."""
+    scale: Literal["group", "batch", "batch_centered", "none"] = "group"
+    """Advantage scaling: / group std (GRPO), / batch std of the rewards (Lite PPO), / batch std of the
+    group-centred rewards (REINFORCE++-baseline), or none (Dr. GRPO)."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
     """Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO)."""
     clip_low: float = 0.2
@@ -148,13 +154,38 @@ class AlgorithmConfig:
     """PPO clip range above 1 (DAPO clip-higher uses 0.28)."""
     dual_clip: float | None = None
     """Dual-clip bound c > 1 on the loss of negative-advantage tokens; null = off."""
+    ratio_level: Literal["token", "sequence", "sequence_token"] = "token"
+    """Importance ratio per token (PPO/GRPO), per sequence (GSPO, Zheng et al. 2025: the geometric mean of the
+    token ratios, clipped per sequence), or GSPO-token (the sequence's ratio with each token's gradient). A
+    sequence ratio stays within ~1e-3 of 1: GSPO uses clip_low 3e-4, clip_high 4e-4 and several mini-batches
+    per rollout; with one update per rollout the ratio is exactly 1 and the clip never acts."""
+    policy_loss: Literal["ppo_clip", "cispo", "kl_cov", "clip_cov"] = "ppo_clip"
+    """ppo_clip (clipped surrogate), cispo (MiniMax-M1: REINFORCE with the ratio clipped to [1 - clip_low,
+    1 + clip_high] and detached, so clipped tokens still get a gradient; MiniMax and TRL use a large clip_high,
+    e.g. 4), kl_cov or clip_cov (Cui et al. 2025: a penalty on, or removal of, the few tokens whose
+    log-prob/advantage covariance is highest, against entropy collapse; over each micro-batch's tokens)."""
+    cov_frac: float | None = None
+    """Fraction of tokens kl_cov / clip_cov act on; null = the paper's (kl_cov 2e-3, clip_cov 2e-4)."""
+    entropy_top_frac: float | None = None
+    """Train only on each micro-batch's highest-entropy completion tokens, this fraction of them (Wang et al.
+    2025, "Beyond the 80/20 rule": 0.2); the rest get no policy gradient. null = off."""
+    mismatch: Literal["none", "tis", "token_mask", "sequence_mask"] = "none"
+    """Rollout/trainer mismatch correction by rho = pi_trainer / pi_engine (Yao et al. 2025): tis weights each
+    token by min(rho, mismatch_high); token_mask drops tokens, sequence_mask whole sequences (rho the product
+    of the token ratios), whose rho leaves [mismatch_low, mismatch_high], keeping the others' weight rho.
+    TRL's default is sequence_mask with mismatch_high 3."""
+    mismatch_low: float | None = None
+    """Lower bound of rho for token_mask / sequence_mask (null: none)."""
+    mismatch_high: float | None = None
+    """Upper bound of rho: the cap for tis (e.g. 2), the bound for the masks (e.g. 3)."""
     kl_coef: float = 0.0
     """Weight of the KL penalty to the reference policy. 0 = no reference model is loaded (R1-Zero)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (Schulman 2020)."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(pi_train / pi_rollout, tis_cap) to correct
-    for the rollout engine's numerics differing from the trainer's (Yao et al. 2025). null = off."""
+    for the rollout engine's numerics differing from the trainer's (Yao et al. 2025). null = off. Short for
+    mismatch: tis with mismatch_high: tis_cap."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more prompts
     to refill the batch."""
@@ -450,6 +481,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         values = loaded or {}
     for text in overrides:
         values = _deep_merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict) -> Config:
+    """A validated Config from nested values (a recipe's, or a saved config.yaml's): defaults filled in."""
     config = _build(Config, values)
     validate(config)
     return config
@@ -491,8 +527,7 @@ def validate(config: Config) -> None:
         )
     if algo.dynamic_max_rounds < 0:
         raise ConfigError("algorithm.dynamic_max_rounds must be >= 0")
-    if algo.tis_cap is not None and algo.tis_cap <= 0:
-        raise ConfigError("algorithm.tis_cap must be > 0 (e.g. 2.0), or null to switch it off")
+    _validate_loss_menu(config)
     if algo.kl_coef < 0:
         raise ConfigError("algorithm.kl_coef must be >= 0")
     if config.optim.lr <= 0:
@@ -520,6 +555,55 @@ def validate(config: Config) -> None:
         raise ConfigError("track.samples_every and track.log_every must be at least 1")
     if not config.rewards:
         raise ConfigError("rewards is empty: list at least one reward, e.g. rewards: [{name: math}]")
+
+
+def _validate_loss_menu(config: Config) -> None:
+    """The loss menu's knobs (rl/losses.py): ranges, and the combinations that cannot work, each with why."""
+    algo = config.algorithm
+    if algo.tis_cap is not None:
+        if algo.tis_cap <= 0:
+            raise ConfigError("algorithm.tis_cap must be > 0 (e.g. 2.0), or null to switch it off")
+        if algo.mismatch not in ("none", "tis") or algo.mismatch_high not in (None, algo.tis_cap):
+            raise ConfigError(
+                "algorithm.tis_cap is short for mismatch=tis with mismatch_high=tis_cap: set one or the other"
+            )
+        algo.mismatch, algo.mismatch_high = "tis", algo.tis_cap
+    if algo.mismatch == "tis" and (algo.mismatch_high is None or algo.mismatch_high <= 0):
+        raise ConfigError("algorithm.mismatch=tis needs mismatch_high > 0, the cap on the weight (e.g. 2.0)")
+    if (
+        algo.mismatch in ("token_mask", "sequence_mask")
+        and algo.mismatch_low is None
+        and algo.mismatch_high is None
+    ):
+        raise ConfigError(
+            f"algorithm.mismatch={algo.mismatch} needs mismatch_low and/or mismatch_high (e.g. 3)"
+        )
+    bounds = [b for b in (algo.mismatch_low, algo.mismatch_high) if b is not None]
+    if any(b <= 0 for b in bounds) or (len(bounds) == 2 and bounds[0] > bounds[1]):
+        raise ConfigError("algorithm.mismatch_low and mismatch_high must be > 0 and low <= high")
+    if algo.mismatch == "none" and bounds:
+        raise ConfigError(
+            "algorithm.mismatch_low/high are set but algorithm.mismatch is none: choose a mismatch"
+        )
+    if algo.entropy_top_frac is not None and not 0 < algo.entropy_top_frac <= 1:
+        raise ConfigError("algorithm.entropy_top_frac must be in (0, 1] (e.g. 0.2), or null to switch it off")
+    if algo.cov_frac is not None and not 0 < algo.cov_frac <= 1:
+        raise ConfigError("algorithm.cov_frac must be in (0, 1] (e.g. 2e-3), or null for the paper's")
+    if algo.cov_frac is not None and algo.policy_loss not in ("kl_cov", "clip_cov"):
+        raise ConfigError("algorithm.cov_frac is for policy_loss kl_cov or clip_cov")
+    if algo.ratio_level != "token" and algo.policy_loss != "ppo_clip":
+        raise ConfigError(
+            f"algorithm.ratio_level={algo.ratio_level} is GSPO's clipped sequence ratio: it replaces the "
+            f"ppo_clip loss, so it cannot combine with policy_loss={algo.policy_loss}"
+        )
+    if algo.dual_clip is not None and (algo.ratio_level != "token" or algo.policy_loss not in ("ppo_clip",)):
+        raise ConfigError(
+            "algorithm.dual_clip bounds PPO's token-level clipped loss: use it with ppo_clip, token"
+        )
+    if algo.advantage == "passk" and not 1 <= algo.passk_k <= config.rollout.group_size:
+        raise ConfigError(
+            f"algorithm.passk_k={algo.passk_k} must be between 1 and rollout.group_size={config.rollout.group_size}"
+        )
 
 
 def to_dict(config: Config) -> dict:

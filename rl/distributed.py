@@ -14,7 +14,7 @@ group per decoder layer plus a root group for embeddings, final norm and LM head
 weights, gradients and AdamW state, all-gathers a layer for its forward and backward, and reduce-scatters
 gradients with the same mean as DDP's all-reduce. Everything that needs whole weights gathers them:
 generation from the policy module (`full_weights`, once around a whole generation batch), the weight push to
-a vLLM engine (`rollouts.merged_weights`, one parameter at a time), and checkpoints (`full_state_dict`,
+a vLLM engine (`rl.weights.merged_weights`, one parameter at a time), and checkpoints (`full_state_dict`,
 `full_optimizer_state`: rank 0 writes exactly what a single process writes, so a checkpoint resumes on any
 number of ranks, sharded or not).
 A single process (no launcher) uses none of this: every call below degenerates to a no-op.

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rl.errors import AhaError
+from rollouts import Completion, RolloutEngine, SamplingParams, build_engine, engine_class
 
 # ------------------------------------------------------------------------------------------ the metrics
 
@@ -229,11 +230,9 @@ def _slug(text: str) -> str:
 def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     """Sample k completions per problem, score them, and return (and write) the results as a dict."""
     from rewards import RewardScorer, RewardSpec
-    from rewards.math import extract_answer
-    from rl.config import Config, DataConfig, RolloutConfig, TrainConfig
-    from rl.data import PromptSet
+    from rl.config import DataConfig
+    from rl.data import PromptSet, sample_and_score
     from rl.models import pick_device
-    from rollouts import SamplingParams, build_engine
 
     if opts.k < 1:
         raise AhaError("--k must be at least 1")
@@ -248,119 +247,167 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     tokenizer, policy = _load(model_path, opts.engine, dtype, device)
     template = pick_template(opts.template, opts.data, run_config, tokenizer)
-
-    config = Config(
-        data=DataConfig(
-            source=opts.data,
-            split=opts.split,
-            prompt_key=opts.prompt_key,
-            answer_key=opts.answer_key,
-            answer_format=opts.answer_format,  # type: ignore[arg-type]
-            template=template,  # type: ignore[arg-type]
-            max_prompt_tokens=opts.max_prompt_tokens,
-        ),
-        train=TrainConfig(seed=opts.seed),
+    data = DataConfig(
+        source=opts.data, prompt_key=opts.prompt_key, answer_key=opts.answer_key,
+        answer_format=opts.answer_format, template=template, max_prompt_tokens=opts.max_prompt_tokens,
+    )  # fmt: skip
+    problems = PromptSet.load(
+        data, tokenizer, source=opts.data, split=opts.split, limit=opts.limit, seed=opts.seed
     )
-    problems = PromptSet.load(config, opts.data, opts.split, opts.limit, tokenizer)
     reward = pick_reward(opts.reward, problems.columns)
     scorer = RewardScorer([RewardSpec(reward)])
-
-    rollout = RolloutConfig()
-    engine_options = asdict(getattr(rollout, opts.engine)) if hasattr(rollout, opts.engine) else {}
-    if opts.engine == "transformers":
-        engine_options["max_batch_size"] = opts.batch_size
-    elif opts.engine == "vllm":  # alone on the GPU: no trainer to leave memory for, nothing to sleep for
-        engine_options.update(gpu_memory_utilization=0.85, sleep_level=0)
-    engine = build_engine(
-        opts.engine,
-        policy=policy,
-        tokenizer=tokenizer,
-        model_path=str(model_path),
-        dtype=dtype,
-        context_len=max(len(ids) for ids in problems.ids) + max_new_tokens,
-        seed=opts.seed,
-        **engine_options,
-    )
+    engine = _standalone_engine(opts, policy, tokenizer, model_path, dtype, problems, max_new_tokens)
     params = SamplingParams(
-        n=opts.k,
-        max_new_tokens=max_new_tokens,
-        temperature=opts.temperature,
-        top_p=opts.top_p if opts.temperature else 1.0,
-        stop=tuple(stop),
-        seed=opts.seed,
+        n=opts.k, max_new_tokens=max_new_tokens, temperature=opts.temperature,
+        top_p=opts.top_p if opts.temperature else 1.0, stop=tuple(stop), seed=opts.seed,
         logprobs=False,  # unused here, and they cost vLLM half its throughput at a large vocabulary
-    )
-    # vLLM schedules everything best in one call; the transformers engine gets a problem batch at a time so
-    # that the progress bar moves.
-    chunk = len(problems) if opts.engine == "vllm" else max(1, opts.batch_size // opts.k)
-    completions: list[Any] = []
+    )  # fmt: skip
+    # An engine with a batch size gets a problem batch at a time, so that the progress bar moves.
+    per_call = None if engine.batch_size is None else max(1, engine.batch_size // opts.k)
     try:
         with _progress(progress, len(problems)) as advance:
-            for start in range(0, len(problems), chunk):
-                groups = engine.generate(problems.ids[start : start + chunk], params)
-                completions += [c for group in groups for c in group]
-                advance(len(groups))
+            rows = list(range(len(problems)))
+            sampled = sample_and_score(
+                problems, engine, scorer, rows, params, per_call=per_call, advance=advance
+            )
     finally:
         engine.close()
-
-    scores = problems.score(scorer, list(range(len(problems))), completions, opts.k)
-    correct_flat = scores.correct or [None if s is None else s == 1.0 for s in scores.per_function[reward]]
-    records, correct, answers = [], [], []
-    for i in range(len(problems)):
-        group = completions[i * opts.k : (i + 1) * opts.k]
-        flags = correct_flat[i * opts.k : (i + 1) * opts.k]
-        extracted = [extract_answer(c.text) for c in group]
-        correct.append(flags)
-        answers.append(extracted)
-        majority = majority_answer(extracted)
-        records.append(
-            {
-                "prompt": problems.texts[i],
-                "gold": problems.rows[i].get("answer"),
-                "answers": extracted,
-                "correct": flags,
-                "majority": None if majority is None else extracted[majority],
-                "completions": [c.text for c in group],
-                "lengths": [len(c.token_ids) for c in group],
-            }
-        )
-    lengths = [len(c.token_ids) for c in completions]
-    metrics = summarize(correct, answers)
-    metrics.update(
-        len_mean=sum(lengths) / len(lengths),
-        truncated_frac=sum(c.finish_reason == "length" for c in completions) / len(completions),
-        no_answer_frac=sum(a is None for group in answers for a in group) / len(completions),
-    )
-    result = {
-        "model": opts.model,
-        "model_path": str(model_path),
-        "data": opts.data,
-        "split": opts.split,
-        "problems": len(problems),
-        "problems_unscored": sum(all(x is None for x in flags) for flags in correct),
-        "k": opts.k,
-        "metrics": metrics,
-        "majority_vote": "normalised answer string (rl.evaluate.normalize_answer); ties: first seen",
-        "settings": {
-            "template": template,
-            "reward": reward,
-            "engine": opts.engine,
-            "temperature": opts.temperature,
-            "top_p": params.top_p,
-            "max_new_tokens": max_new_tokens,
-            "stop": stop,
-            "seed": opts.seed,
-            "dtype": dtype,
-            "limit": opts.limit,
-        },
-        "time_s": round(time.perf_counter() - started, 2),
-        "records": records,
-    }
+    settings = {
+        "template": template, "reward": reward, "engine": opts.engine, "temperature": opts.temperature,
+        "top_p": params.top_p, "max_new_tokens": max_new_tokens, "stop": stop, "seed": opts.seed,
+        "dtype": dtype, "limit": opts.limit,
+    }  # fmt: skip
+    result = _eval_result(opts, model_path, problems, sampled, reward, settings)
+    result["time_s"] = round(time.perf_counter() - started, 2)
     out = Path(opts.out) if opts.out else default_out(opts, bool(run_config))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["out"] = str(out)
     return result
+
+
+def _standalone_engine(
+    opts: EvalOptions, policy: Any, tokenizer: Any, model_path: Path | str, dtype: str, problems: Any,
+    max_new_tokens: int,
+) -> RolloutEngine:  # fmt: skip
+    """The engine `aha eval` samples with: the run's engine options for it, then those for running alone."""
+    from rl.config import RolloutConfig
+
+    options = asdict(getattr(RolloutConfig(), opts.engine)) if hasattr(RolloutConfig(), opts.engine) else {}
+    options.update(engine_class(opts.engine).standalone, max_batch_size=opts.batch_size)
+    return build_engine(
+        opts.engine, policy=policy, tokenizer=tokenizer, model_path=str(model_path), dtype=dtype,
+        context_len=max(len(ids) for ids in problems.ids) + max_new_tokens, seed=opts.seed, **options,
+    )  # fmt: skip
+
+
+def _eval_result(
+    opts: EvalOptions, model_path: Path | str, problems: Any, sampled: Any, reward: str, settings: dict
+) -> dict:
+    """pass@j, maj@k and length figures, with one record per problem."""
+    from rewards.math import extract_answer
+    from rewards.text import prompt_opens_think
+
+    completions, scores = sampled.completions, sampled.scores
+    correct_flat = scores.correct or [None if s is None else s == 1.0 for s in scores.per_function[reward]]
+    records, correct, answers = [], [], []
+    for i in range(len(problems)):
+        group = completions[i * opts.k : (i + 1) * opts.k]
+        flags = correct_flat[i * opts.k : (i + 1) * opts.k]
+        in_think = prompt_opens_think(problems.texts[i])  # as the math reward reads them
+        extracted = [extract_answer(c.text, in_think) for c in group]
+        correct.append(flags)
+        answers.append(extracted)
+        majority = majority_answer(extracted)
+        records.append(
+            {
+                "prompt": problems.texts[i], "gold": problems.rows[i].get("answer"), "answers": extracted,
+                "correct": flags, "majority": None if majority is None else extracted[majority],
+                "completions": [c.text for c in group], "lengths": [len(c.token_ids) for c in group],
+            }
+        )  # fmt: skip
+    metrics = summarize(correct, answers)
+    metrics.update(length_figures(completions))
+    metrics["no_answer_frac"] = sum(a is None for group in answers for a in group) / len(completions)
+    return {
+        "model": opts.model, "model_path": str(model_path), "data": opts.data, "split": opts.split,
+        "problems": len(problems), "problems_unscored": sum(all(x is None for x in flags) for flags in correct),
+        "k": opts.k, "metrics": metrics,
+        "majority_vote": "normalised answer string (rl.evaluate.normalize_answer); ties: first seen",
+        "settings": settings, "records": records,
+    }  # fmt: skip
+
+
+def length_figures(completions: list[Completion]) -> dict[str, float]:
+    """Mean length in tokens and the fraction that hit the token limit."""
+    lengths = [len(c.token_ids) for c in completions]
+    return {
+        "len_mean": sum(lengths) / len(lengths),
+        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+    }
+
+
+# ------------------------------------------------------------------------------------- in-run evaluation
+
+
+def held_out_params(config: Any) -> SamplingParams:
+    """How the run evaluates its held-out set (eval.*; the rollout's token limit and stop strings)."""
+    return SamplingParams(
+        n=config.eval.samples,
+        max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.eval.temperature,
+        top_p=config.rollout.top_p if config.eval.temperature else 1.0,
+        stop=tuple(config.rollout.stop),
+        seed=config.train.seed,
+        logprobs=False,  # unused here, and they cost vLLM half its throughput at a large vocabulary
+    )
+
+
+def evaluate_held_out(
+    engine: RolloutEngine,
+    scorer: Any,
+    eval_set: Any,
+    params: SamplingParams,
+    generation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[dict[str, float], list[dict]]:
+    """The in-run evaluation: eval/* metrics (mean accuracy = pass@1 over eval.samples each) and records."""
+    from rl.data import sample_and_score
+
+    sampled = sample_and_score(
+        eval_set, engine, scorer, list(range(len(eval_set))), params, generation=generation
+    )
+    completions, scores = sampled.completions, sampled.scores
+    finite = [r for r in scores.total if r == r]
+    out = {"eval/reward_mean": sum(finite) / len(finite) if finite else float("nan")}
+    out.update({f"eval/{k}": v for k, v in length_figures(completions).items()})
+    if scores.correct is not None:
+        judged = [c for c in scores.correct if c is not None]
+        out["eval/accuracy"] = sum(judged) / len(judged) if judged else float("nan")
+    records = [
+        {
+            "prompt": eval_set.texts[i // params.n],
+            "completion": c.text,
+            "reward": r,
+            "length": len(c.token_ids),
+        }
+        for i, (c, r) in enumerate(zip(completions, scores.total, strict=True))
+    ]
+    return out, records
+
+
+def eval_summary(row: dict) -> str:
+    acc = f"accuracy {row['eval/accuracy']:.3f}, " if "eval/accuracy" in row else ""
+    return f"{acc}reward {row['eval/reward_mean']:.3f}, mean length {row['eval/len_mean']:.1f} tokens"
+
+
+def before_after(before: list[dict], after: list[dict], count: int = 3) -> str:
+    """A few held-out problems with the base model's and the trained model's completions."""
+    lines = ["held-out samples, before -> after training:"]
+    for b, a in list(zip(before, after, strict=True))[:count]:
+        lines.append(f"  prompt: {b['prompt']!r}")
+        lines.append(f"    before (reward {b['reward']:.2f}, {b['length']} tokens): {b['completion']!r}")
+        lines.append(f"    after  (reward {a['reward']:.2f}, {a['length']} tokens): {a['completion']!r}")
+    return "\n".join(lines)
 
 
 def default_out(opts: EvalOptions, is_run: bool) -> Path:

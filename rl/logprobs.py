@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rl.grpo import entropy_from_logits
-from rollouts.base import has_sharded_parameters, is_sharded
+from rl.weights import has_sharded_parameters, is_sharded
 
 
 @dataclass
@@ -35,6 +34,18 @@ class PackedBatch:
     prompt_ids: torch.Tensor  # [U, P] the distinct prompts, left-padded
     prompt_attention: torch.Tensor  # [U, P]
     prompt_index: torch.Tensor  # [B] which distinct prompt each sequence continues
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax distribution, H = logsumexp(z) - sum softmax(z) * z.
+
+    Args:
+        logits: [..., V]
+    Returns:
+        [...] entropy in nats.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedBatch:

@@ -115,6 +115,8 @@ class UpdateAccumulator:
         self.skipped = 0
         self.mismatch_abs = self.mismatch_ratio_max = self.mismatch_tokens = 0.0
         self.losses: list[float] = []
+        self.counts: dict[str, list[float]] = {}  # metric -> [numerator, denominator]
+        self.ranges: dict[str, list[float]] = {}  # metric prefix -> [min, max]
         self.grad_norms: list[float] = []
         self.lr = 0.0
 
@@ -151,6 +153,17 @@ class UpdateAccumulator:
         self.mismatch_ratio_max = max(self.mismatch_ratio_max, float(diff.exp().max()) if m.any() else 0.0)
         self.mismatch_tokens += float(m.sum())
 
+    def add_counts(
+        self, counts: dict[str, tuple[float, float]], ranges: dict[str, tuple[float, float]]
+    ) -> None:
+        """A loss variant's fractions (numerator, denominator summed over micro-batches) and ranges."""
+        for name, (num, den) in counts.items():
+            total = self.counts.setdefault(name, [0.0, 0.0])
+            total[0], total[1] = total[0] + num, total[1] + den
+        for name, (low, high) in ranges.items():
+            seen = self.ranges.setdefault(name, [low, high])
+            seen[0], seen[1] = min(seen[0], low), max(seen[1], high)
+
     def skip_step(self) -> None:
         """The optimizer step was skipped (NaN/inf loss or gradient): its loss is not the step's loss."""
         self.skipped += 1
@@ -185,4 +198,8 @@ class UpdateAccumulator:
             out["rollout/is_ratio_max"] = self.mismatch_ratio_max
         if self.has_kl:
             out["loss/kl"] = self.kl / n
+        for name, (num, den) in self.counts.items():
+            out[name] = num / den if den else nan
+        for name, (low, high) in self.ranges.items():
+            out[f"{name}_min"], out[f"{name}_max"] = low, high
         return out

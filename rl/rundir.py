@@ -130,13 +130,24 @@ def saved_config(checkpoint: Path, run_dir: Path) -> dict | None:
 
 
 def config_differences(saved: dict, requested: dict) -> list[str]:
-    """`key: saved -> requested` for every dotted config key that differs, except RESUMABLE_CHANGES."""
-    old, new = _flatten(_plain(saved)), _flatten(_plain(requested))
+    """`key: saved -> requested` for every dotted config key that differs, except RESUMABLE_CHANGES. The saved
+    config is read as a config file would be (defaults filled in for knobs added since it was written)."""
+    old, new = _flatten(_plain(_completed(saved))), _flatten(_plain(requested))
     return [
         f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key) and not _resumable(key)
     ]
+
+
+def _completed(saved: dict) -> dict:
+    from rl.config import config_from_dict, to_dict
+    from rl.errors import ConfigError
+
+    try:
+        return to_dict(config_from_dict(saved))
+    except ConfigError:  # written by an aha whose keys this one does not know: compare as saved
+        return saved
 
 
 def check_same_run(saved: dict, requested: dict, checkpoint: Path) -> None:

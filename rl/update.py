@@ -1,11 +1,13 @@
 """The policy update of one step: epochs x mini-batches of optimizer steps, each accumulated over micro-batches.
 
-For every micro-batch: the log-probs of the sampled tokens under the current policy (rl/logprobs.py), the
-clipped surrogate with the advantages, optional truncated importance weights and KL to the reference
-(rl/grpo.py), aggregated with the global normalisers so that micro-batches and ranks add up to the
-one-process loss; then gradient clipping and the optimizer step. Micro-batches take the samples as they come or
-in order of completion length, whichever pads fewer tokens (`micro_batch_order`). Also the learning-rate
-schedule.
+    update_policy        the schedule: old log-probs when the batch is reused, then for each mini-batch the
+                         micro-batches' forward/backward, NaN guard, gradient clipping and the optimizer step
+    micro_batch_loss     the loss of one micro-batch, a pure function of its tensors and the loss knobs
+                         (policy loss, mismatch correction, token selection, KL; rl/grpo.py, rl/losses.py)
+    lockstep_chunks      micro-batches in the order that pads least, padded with zero-weight repeats so every
+                         rank runs as many forward/backward passes (DDP and FSDP passes are collective)
+Loss normalisers count the whole mini-batch over all ranks, so micro-batch losses (and DDP's averaged,
+world-size-scaled gradients) add up to the one-process loss. Also the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -17,12 +19,24 @@ from dataclasses import dataclass
 import torch
 
 from rl import metrics as M
-from rl.config import Config
+from rl.config import AlgorithmConfig, Config
 from rl.distributed import Distributed
-from rl.grpo import aggregate_loss, kl_penalty, policy_loss, truncated_is_weight
+from rl.grpo import aggregate_loss, kl_penalty, policy_loss
 from rl.logprobs import PackedBatch, completion_logprobs, pack
+from rl.losses import (
+    cispo_loss,
+    clip_cov_loss,
+    gspo_loss,
+    kl_cov_loss,
+    mismatch_correction,
+    sequence_log_ratio,
+    top_entropy_mask,
+)
 from rl.models import autocast
-from rollouts.base import is_sharded
+from rl.weights import is_sharded
+
+COV_FRAC = {"kl_cov": 2e-3, "clip_cov": 2e-4}
+"""The fraction of tokens KL-Cov / Clip-Cov act on by default (Cui et al. 2025; verl's recipe/entropy)."""
 
 
 @dataclass
@@ -34,57 +48,131 @@ class Sample:
     completion_ids: list[int]
     rollout_logprobs: list[float]  # the engine's log-probs of completion_ids
     advantage: float
-    valid: bool  # False when no reward function scored it: kept out of the loss
+    trainable: bool  # False when no reward scored it (or overlong filtering dropped it): out of the loss
+
+
+@dataclass
+class MicroBatch:
+    """The tensors of one micro-batch's loss, all [b, T] but `advantages` [b]; `mask` marks completion tokens."""
+
+    logprobs: torch.Tensor  # current policy, with gradient
+    old_logprobs: torch.Tensor  # the policy that sampled the batch (trainer's numerics)
+    rollout_logprobs: torch.Tensor  # the engine's
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None  # with algorithm.kl_coef > 0
+
+
+@dataclass
+class LossParts:
+    """A micro-batch's loss and what it did, for the step's metrics (rl/metrics.py UpdateAccumulator)."""
+
+    loss: torch.Tensor  # scalar: this micro-batch's share of the mini-batch loss
+    pg_loss: torch.Tensor  # scalar: its policy-gradient part
+    kl: torch.Tensor | None  # [b, T] per-token KL estimate
+    clip_low: torch.Tensor  # [b, T] bool
+    clip_high: torch.Tensor  # [b, T] bool
+    counts: dict[str, tuple[float, float]]  # metric -> (numerator, denominator), summed over micro-batches
+    ranges: dict[str, tuple[float, float]]  # metric prefix -> (min, max) over the step
+
+
+def micro_batch_loss(mb: MicroBatch, algo: AlgorithmConfig, norm: dict[str, int]) -> LossParts:
+    """The loss of one micro-batch:
+
+        L = agg( w_t * keep_t * l_t ) + kl_coef * agg( KL_t )
+    l_t the per-token policy loss (ppo_clip with ratio_level token | sequence | sequence_token, cispo, kl_cov,
+    clip_cov), w_t the mismatch correction (tis, token_mask, sequence_mask; 1 when none), keep_t the
+    high-entropy token selection (1 when off), agg `algo.loss_agg` with the mini-batch normalisers `norm`
+    (max_len, num_seqs, num_tokens): masked tokens count in the normaliser, so micro-batches still add up.
+    """
+    logp, old, mask = mb.logprobs, mb.old_logprobs, mb.mask
+    counts: dict[str, tuple[float, float]] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+    per_token, clip_low, clip_high = _policy_loss(mb, algo, counts, ranges)
+    if algo.mismatch != "none":
+        fix = mismatch_correction(
+            old, mb.rollout_logprobs, mask, algo.mismatch, algo.mismatch_low, algo.mismatch_high
+        )
+        per_token = per_token * fix.weights
+        tokens = float(mask.sum())
+        counts["rollout/mismatch_masked_frac"] = (tokens - float(fix.kept.sum()), tokens)
+        if algo.mismatch == "tis":
+            counts["rollout/tis_capped_frac"] = (
+                float((fix.ratio > algo.mismatch_high)[mask.bool()].sum()),
+                tokens,
+            )
+    if algo.entropy_top_frac is not None:
+        keep = top_entropy_mask(mb.entropy, mask, algo.entropy_top_frac)  # [b, T]
+        per_token = per_token * keep
+        counts["policy/entropy_kept_frac"] = (float(keep.sum()), float(mask.sum()))
+    pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
+    loss, kl = pg_loss, None
+    if algo.kl_coef:
+        kl = kl_penalty(logp, mb.ref_logprobs, algo.kl_estimator)  # [b, T]
+        loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
+    return LossParts(loss, pg_loss, kl, clip_low, clip_high, counts, ranges)
+
+
+def _policy_loss(
+    mb: MicroBatch, algo: AlgorithmConfig, counts: dict, ranges: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-token policy loss [b, T] the knobs choose, with its clip flags; records what it did."""
+    logp, old, adv, mask = mb.logprobs, mb.old_logprobs, mb.advantages, mb.mask
+    if algo.ratio_level != "token":
+        out = gspo_loss(
+            logp, old, adv, mask, algo.clip_low, algo.clip_high, algo.ratio_level == "sequence_token"
+        )
+        seq_ratio = torch.exp(sequence_log_ratio(logp.detach(), old, mask))  # [b]
+        ranges["policy/seq_ratio"] = (float(seq_ratio.min()), float(seq_ratio.max()))
+        return out
+    if algo.policy_loss == "cispo":
+        return cispo_loss(logp, old, adv, algo.clip_low, algo.clip_high)
+    if algo.policy_loss == "kl_cov":
+        loss, penalised = kl_cov_loss(logp, old, adv, mask, algo.cov_frac or COV_FRAC["kl_cov"])
+        counts["policy/cov_frac"] = (float(penalised.sum()), float(mask.sum()))
+        none = torch.zeros_like(penalised)
+        return loss, none, none
+    if algo.policy_loss == "clip_cov":
+        loss, low, high, dropped = clip_cov_loss(
+            logp, old, adv, mask, algo.clip_low, algo.clip_high, algo.cov_frac or COV_FRAC["clip_cov"]
+        )
+        counts["policy/cov_frac"] = (float(dropped.sum()), float(mask.sum()))
+        return loss, low, high
+    return policy_loss(logp, old, adv, algo.clip_low, algo.clip_high, algo.dual_clip)
+
+
+@dataclass
+class Trainee:
+    """What the update trains: the policy, the module its forward runs through, the reference model."""
+
+    trainer: torch.nn.Module  # CompletionLogprobs(policy), DDP-wrapped or FSDP-sharded with several ranks
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # a frozen CompletionLogprobs, or None (no KL, or LoRA: adapters off)
+    pad_id: int
 
 
 def update_policy(
-    trainer: torch.nn.Module,
-    policy: torch.nn.Module,
-    reference: torch.nn.Module | None,
+    model: Trainee,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     samples: list[Sample],
     config: Config,
-    pad_id: int,
     dist: Distributed,
 ) -> dict[str, float]:
     """epochs x mini-batches optimizer steps over one generation batch; returns the update's metrics.
 
-    `trainer` is `CompletionLogprobs(policy)`, wrapped in DDP or sharded with FSDP2 when several ranks train:
-    its forward computes the log-probs, and its backward averages gradients over ranks.
+    `model.trainer` computes the log-probs in its forward and, with several ranks, averages gradients over
+    them in its backward.
     """
-    algo, temperature, micro = config.algorithm, config.rollout.temperature, config.train.micro_batch_size
-    num_groups = max((s.group for s in samples), default=-1) + 1  # < prompts_per_step after dynamic sampling
-    # Whole groups per mini-batch, so no group is cut.
-    bounds = [k * num_groups // algo.minibatches for k in range(algo.minibatches + 1)]
-    minibatches = [
-        [s for s in samples if bounds[k] <= s.group < bounds[k + 1]] for k in range(algo.minibatches)
-    ]
+    algo = config.algorithm
     single_update = algo.epochs == 1 and algo.minibatches == 1
-    device = next(policy.parameters()).device
-    old: dict[int, torch.Tensor] = {}
-    if not single_update:
-        # Several optimizer steps reuse this batch: the ratio needs the log-probs of the policy that sampled
-        # it, recorded once before the first step changes the weights.
-        # Through the trainer, and as many forwards on every rank (its forward is collective: DDP's buffer
-        # broadcast, FSDP's all-gathers); the extra ones repeat a sample.
-        with torch.no_grad():
-            ordered = micro_batch_order(samples, micro)
-            chunks = [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
-            for k in range(int(dist.max(len(chunks)))):
-                chunk = chunks[k] if k < len(chunks) else samples[:1]
-                with autocast(config.model, device):
-                    lp, _ = trainer(_pack(chunk, pad_id), temperature)
-                for j, s in enumerate(chunk if k < len(chunks) else []):
-                    old[id(s)] = lp[j, : len(s.completion_ids)].cpu()
-
+    old = None if single_update else old_logprobs(model, samples, config, dist)
     sums = M.UpdateAccumulator()
-    policy.train()
+    model.policy.train()
     for _ in range(algo.epochs):
-        for mini in minibatches:
-            mini = [s for s in mini if s.valid]
-            # Loss normalisers count the whole mini-batch over all ranks, so that summing micro-batch losses
-            # (and DDP averaging world-size-scaled gradients) gives exactly the one-process loss.
+        for mini in split_minibatches(samples, algo.minibatches):
+            mini = [s for s in mini if s.trainable]
             norm = {
                 "max_len": config.rollout.max_new_tokens,
                 "num_seqs": int(dist.sum(len(mini))),
@@ -92,56 +180,14 @@ def update_policy(
             }
             if norm["num_seqs"] == 0:
                 continue
-            # Every rank runs as many forward/backward passes as the busiest one (DDP syncs in each backward);
-            # the extra ones are zero-weighted repeats of a sample.
-            ordered = micro_batch_order(mini, micro)
-            chunks = [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
-            real_chunks = len(chunks)
-            filler = [(mini or [s for s in samples if s.valid] or samples)[0]]
-            chunks += [filler] * (int(dist.max(real_chunks)) - real_chunks)
             optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for k, chunk in enumerate(chunks):
-                weight = float(dist.world) if k < real_chunks else 0.0
-                sync = k == len(chunks) - 1 or not dist.enabled
-                with contextlib.nullcontext() if sync else dist.no_sync(trainer):
-                    batch = _pack(chunk, pad_id)
-                    mask = batch.completion_mask.to(device)  # [b, T]
-                    with autocast(config.model, device):  # mixed precision: the forward only
-                        logprobs, entropy = trainer(batch, temperature, with_entropy=True)  # [b, T]
-                    if single_update:
-                        # One update per batch: the weights that sampled this batch are exactly the current
-                        # weights (nothing changed them since generation), so old log-probs equal these
-                        # log-probs. Detaching gives ratio 1 with gradient grad(logp) * A, and saves a forward.
-                        old_logprobs = logprobs.detach()
-                    else:
-                        old_logprobs = _stack([old[id(s)] for s in chunk], logprobs)
-                    rollout_logprobs = _stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs)
-                    adv = torch.tensor([s.advantage for s in chunk], device=device)  # [b]
-                    per_token, clip_low, clip_high = policy_loss(
-                        logprobs, old_logprobs, adv, algo.clip_low, algo.clip_high, algo.dual_clip
-                    )  # [b, T]
-                    if algo.tis_cap is not None:
-                        per_token = per_token * truncated_is_weight(
-                            old_logprobs, rollout_logprobs, algo.tis_cap
-                        )
-                    pg_loss = aggregate_loss(per_token, mask, algo.loss_agg, **norm)
-                    loss, kl = pg_loss, None
-                    if algo.kl_coef:
-                        with autocast(config.model, device):
-                            ref_logprobs = reference_logprobs(policy, reference, batch, temperature)
-                        kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)  # [b, T]
-                        loss = loss + algo.kl_coef * aggregate_loss(kl, mask, algo.loss_agg, **norm)
-                    if not torch.isfinite(loss):  # the update is skipped; the run stops after repeated skips
-                        finite, weight = False, 0.0
-                        loss = logprobs.nan_to_num(0.0, 0.0, 0.0).sum()  # a finite stand-in for DDP's sync
-                    (loss * weight).backward()
-                if weight:
-                    ratio = torch.exp(logprobs.detach() - old_logprobs)
-                    sums.add(mask, pg_loss, entropy, clip_low, clip_high, ratio, kl)
-                    sums.add_mismatch(mask, old_logprobs, rollout_logprobs)
-            finite = dist.max(0.0 if finite else 1.0) == 0.0  # one rank's NaN skips the step everywhere
-            grad_norm = _clip_grad(policy, config.optim.grad_clip) if finite else float("nan")
+            chunks = lockstep_chunks(mini, config.train.micro_batch_size, dist, filler=(mini or samples)[0])
+            results = [
+                _backward(model, chunk, real, last, old, config, norm, dist, sums)
+                for chunk, real, last in chunks
+            ]
+            finite = dist.max(0.0 if all(results) else 1.0) == 0.0  # one rank's NaN skips the step everywhere
+            grad_norm = _clip_grad(model.policy, config.optim.grad_clip) if finite else float("nan")
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 sums.skip_step()
@@ -151,6 +197,89 @@ def update_policy(
             scheduler.step()
             sums.add_step(grad_norm, scheduler.get_last_lr()[0])
     return sums.metrics()
+
+
+def _backward(
+    model: Trainee,
+    chunk: list[Sample],
+    real: bool,
+    last: bool,
+    old: dict[int, torch.Tensor] | None,
+    config: Config,
+    norm: dict[str, int],
+    dist: Distributed,
+    sums: M.UpdateAccumulator,
+) -> bool:
+    """Forward and backward of one micro-batch (a zero-weight repeat when not `real`); False for a NaN/inf loss.
+    Gradients sync across ranks at the mini-batch's `last` micro-batch only."""
+    device = next(model.policy.parameters()).device
+    temperature, weight = config.rollout.temperature, float(dist.world) if real else 0.0
+    with contextlib.nullcontext() if last or not dist.enabled else dist.no_sync(model.trainer):
+        batch = _pack(chunk, model.pad_id)
+        with autocast(config.model, device):  # mixed precision: the forward only
+            logprobs, entropy = model.trainer(batch, temperature, with_entropy=True)  # [b, T]
+        # One update per batch: the weights that sampled it are the current ones, so old log-probs equal these
+        # (detached: ratio 1, gradient grad(logp) * A), and a forward is saved.
+        old_logprobs = logprobs.detach() if old is None else _stack([old[id(s)] for s in chunk], logprobs)
+        mb = MicroBatch(
+            logprobs=logprobs,
+            old_logprobs=old_logprobs,
+            rollout_logprobs=_stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs),
+            advantages=torch.tensor([s.advantage for s in chunk], device=device),  # [b]
+            mask=batch.completion_mask.to(device),
+            entropy=entropy,
+        )
+        if config.algorithm.kl_coef:
+            with autocast(config.model, device):
+                mb.ref_logprobs = reference_logprobs(model.policy, model.reference, batch, temperature)
+        parts = micro_batch_loss(mb, config.algorithm, norm)
+        finite = bool(torch.isfinite(parts.loss))
+        loss = parts.loss if finite else logprobs.nan_to_num(0.0, 0.0, 0.0).sum()  # finite, for DDP's sync
+        (loss * (weight if finite else 0.0)).backward()
+    if real and finite:
+        ratio = torch.exp(logprobs.detach() - old_logprobs)  # [b, T]
+        sums.add(mb.mask, parts.pg_loss, entropy, parts.clip_low, parts.clip_high, ratio, parts.kl)
+        sums.add_mismatch(mb.mask, old_logprobs, mb.rollout_logprobs)
+        sums.add_counts(parts.counts, parts.ranges)
+    return finite
+
+
+def old_logprobs(
+    model: Trainee, samples: list[Sample], config: Config, dist: Distributed
+) -> dict[int, torch.Tensor]:
+    """The log-probs of the policy that sampled the batch, recorded before the first optimizer step changes it
+    (needed when several optimizer steps reuse the batch). Through the trainer, and as many forwards on every
+    rank (its forward is collective: DDP's buffer broadcast, FSDP's all-gathers)."""
+    device = next(model.policy.parameters()).device
+    old: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for chunk, real, _ in lockstep_chunks(
+            samples, config.train.micro_batch_size, dist, filler=samples[0]
+        ):
+            with autocast(config.model, device):
+                lp, _ = model.trainer(_pack(chunk, model.pad_id), config.rollout.temperature)
+            for j, s in enumerate(chunk if real else []):
+                old[id(s)] = lp[j, : len(s.completion_ids)].cpu()
+    return old
+
+
+def split_minibatches(samples: list[Sample], count: int) -> list[list[Sample]]:
+    """`count` mini-batches of whole groups (no group is cut), in group order."""
+    groups = max((s.group for s in samples), default=-1) + 1  # < prompts_per_step after dynamic sampling
+    bounds = [k * groups // count for k in range(count + 1)]
+    return [[s for s in samples if bounds[k] <= s.group < bounds[k + 1]] for k in range(count)]
+
+
+def lockstep_chunks(
+    samples: list[Sample], micro: int, dist: Distributed, filler: Sample
+) -> list[tuple[list[Sample], bool, bool]]:
+    """(micro-batch, is it real, is it the last) in `micro_batch_order`, padded with `[filler]` repeats (real
+    False: zero weight) up to the busiest rank's count, so every rank runs as many collective passes."""
+    ordered = micro_batch_order(samples, micro)
+    chunks = [ordered[i : i + micro] for i in range(0, len(ordered), micro)]
+    total = int(dist.max(len(chunks)))
+    padded = [(c, True) for c in chunks] + [([filler], False)] * (total - len(chunks))
+    return [(c, real, k == len(padded) - 1) for k, (c, real) in enumerate(padded)]
 
 
 def micro_batch_order(samples: list[Sample], micro: int) -> list[Sample]:

@@ -10,24 +10,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams, merged_weights
+from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams
 
 ENGINES: dict[str, str] = {
     "transformers": "rollouts.hf_engine:TransformersEngine",
     "vllm": "rollouts.vllm_engine:VLLMEngine",
 }
-# Engines that sample from the trainer's own policy module rather than a copy: with a sharded policy the loop
-# gathers its weights around their `generate`.
-SHARES_POLICY = ("transformers",)
+
+
+def engine_class(name: str) -> type:
+    """The engine class registered as `name`, imported now (vLLM only when asked for)."""
+    if name not in ENGINES:
+        raise EngineError(f"unknown rollout engine {name!r}; choose one of: {', '.join(ENGINES)}")
+    module_name, class_name = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
     """Import the engine class registered as `name` and build it with `kwargs`."""
-    if name not in ENGINES:
-        raise EngineError(f"unknown rollout engine {name!r}; choose one of: {', '.join(ENGINES)}")
-    module_name, class_name = ENGINES[name].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, class_name)(**kwargs)
+    return engine_class(name)(**kwargs)
 
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "build_engine",
-    "merged_weights",
     "ENGINES",
-    "SHARES_POLICY",
+    "engine_class",
 ]

@@ -9,7 +9,6 @@ After each policy update the loop calls `update_weights(policy)`; engines that s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -54,6 +53,19 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    """What the loop asks of an engine. Whatever differs between engines is said here, so the loop and
+    evaluation never branch on which engine they hold (rollouts/__init__.py registers them by name)."""
+
+    shares_policy: bool
+    """True when the engine samples from the trainer's own policy module (the transformers engine): the loop
+    gathers a sharded policy whole and enters mixed precision around `generate`. False for an engine with its
+    own copy of the weights (vLLM), refreshed by `update_weights`."""
+    batch_size: int | None
+    """Most sequences one `generate` call should hold, or None when the engine schedules any number best in
+    one call (vLLM). Evaluation calls `generate` per batch of this size, so its progress bar moves."""
+    standalone: dict
+    """Options to use when the engine runs alone, with no trainer beside it (`aha eval`): e.g. vLLM takes most
+    of the GPU and never sleeps."""
     summary: str
     """One line on what the engine set itself up with (e.g. vLLM's KV-cache size), printed at start-up."""
 
@@ -74,55 +86,3 @@ class RolloutEngine(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@torch.no_grad()
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """An FSDP2 shard (a DTensor): its whole value needs `full_tensor()`, a collective."""
-    return hasattr(tensor, "full_tensor")
-
-
-def has_sharded_parameters(module: torch.nn.Module) -> bool:
-    return any(is_sharded(p) for p in module.parameters())
-
-
-def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's weights as (name, tensor) pairs named like the base HF model, for engines that keep their
-    own copy. For a PEFT LoRA policy each adapted weight is computed out of place as W + B A * alpha / r, so
-    the engine samples from exactly the policy being trained while the trainer's W is never touched (merging
-    and unmerging in place would drift W by rounding error every step).
-
-    Lazy: each merged tensor (and a sharded tensor's gathered whole) is made only when the consumer asks for
-    it, so a sync holds about one extra tensor at a time, never a second copy of the adapted weights.
-
-        engine_model.load_weights(merged_weights(policy))
-    """
-    is_peft = hasattr(policy, "peft_config")
-    adapted = _adapted_layers(policy) if is_peft else {}
-    for name, tensor in policy.state_dict().items():
-        if is_sharded(tensor):  # gathered whole, on every rank
-            tensor = tensor.full_tensor()
-        if is_peft:
-            if "lora_" in name:
-                continue
-            if name in adapted:
-                module, active = adapted[name]
-                tensor = tensor + sum(module.get_delta_weight(a) for a in active).to(tensor.dtype)
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        yield name, tensor
-
-
-def _adapted_layers(policy: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, list[str]]]:
-    """State-dict name of each LoRA-adapted base weight -> (its LoRA layer, the active adapters); references
-    only, no tensor is computed."""
-    layers = {}
-    for name, module in policy.named_modules():
-        if (
-            hasattr(module, "get_delta_weight")
-            and hasattr(module, "base_layer")
-            and not module.disable_adapters
-        ):
-            active = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
-            if active:
-                layers[f"{name}.base_layer.weight"] = (module, active)
-    return layers

@@ -17,6 +17,11 @@ from rollouts.llama_decoder import LlamaDecoder, unsupported_reason
 
 
 class TransformersEngine:
+    """The rollout protocol on the trainer's own policy module (rollouts.base.RolloutEngine)."""
+
+    shares_policy = True
+    standalone: dict = {}
+
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -37,6 +42,7 @@ class TransformersEngine:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted(i for i in eos if i is not None)
         self.summary = ""
+        self.batch_size = max_batch_size
 
     # The engine samples from the trainer's own module: nothing to copy, nothing to release.
     def update_weights(self, policy: torch.nn.Module) -> None:

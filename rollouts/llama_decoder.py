@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rollouts.base import has_sharded_parameters
+from rl.weights import has_sharded_parameters
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 

@@ -4,7 +4,7 @@ The engine runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), b
 `model_path`. After each optimizer step the loop calls `update_weights(policy)`, which streams the policy's
 tensors into vLLM's own copy with `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`:
 in memory, one tensor at a time, cast to the engine's dtype, no checkpoint written to disk. The tensors
-come from `rollouts.base.merged_weights` (base-model names; a LoRA policy's adapters merged out of place).
+come from `rl.weights.merged_weights` (base-model names; a LoRA policy's adapters merged out of place).
 
 What each call returns matches the transformers engine (`rollouts.hf_engine`):
 - log-probs are vLLM's `processed_logprobs`: the sampled token's log-prob under softmax(logits / T), the
@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rollouts.base import Completion, EngineError, SamplingParams, merged_weights
+from rl.weights import merged_weights
+from rollouts.base import Completion, EngineError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ INSTALL_HINT = (
 
 class VLLMEngine:
     """The rollout protocol (`rollouts.base.RolloutEngine`) on an in-process `vllm.LLM`."""
+
+    shares_policy = False
+    batch_size = None  # vLLM schedules any number of requests best in one call
+    standalone = {"gpu_memory_utilization": 0.85, "sleep_level": 0}  # alone: no trainer to leave memory for
 
     def __init__(
         self,
@@ -64,6 +69,7 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 4096,
         logits_dtype: str = "float32",
+        **_: Any,  # other engines' options (e.g. max_batch_size), which a common caller may pass
     ) -> None:
         vllm = _import_vllm()
         from vllm.platforms import current_platform

@@ -64,3 +64,12 @@ def test_recipes_lists_the_shipped_recipes_with_descriptions():
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
 def test_help_works(args):
     assert aha(*args).returncode == 0
+
+
+def test_aha_eval_offers_every_template_the_config_offers():
+    import typing
+
+    from rl.cli import TEMPLATES
+    from rl.config import DataConfig
+
+    assert set(TEMPLATES) == set(typing.get_args(typing.get_type_hints(DataConfig)["template"]))

@@ -128,7 +128,7 @@ def _eval(*args: str) -> int:
 
 def test_eval_metrics_from_known_completions(tmp_path, tiny_model_dir, monkeypatch):
     """A scripted engine: the metrics must come out as computed by hand, through the real math reward."""
-    import rollouts
+    import rl.evaluate
 
     scripted = [
         ["\\boxed{23}", "\\boxed{22}", "so \\boxed{22}", "no idea"],  # c=1, majority 22 (wrong)
@@ -138,6 +138,8 @@ def test_eval_metrics_from_known_completions(tmp_path, tiny_model_dir, monkeypat
     built = {}
 
     class Scripted:
+        shares_policy, batch_size, standalone, summary = True, None, {}, ""  # the engine protocol's
+
         def __init__(self, **kwargs):
             built.update(kwargs)
             self.next = iter(scripted)
@@ -155,7 +157,7 @@ def test_eval_metrics_from_known_completions(tmp_path, tiny_model_dir, monkeypat
         def close(self):
             built["closed"] = True
 
-    monkeypatch.setattr(rollouts, "build_engine", lambda name, **kwargs: Scripted(**kwargs))
+    monkeypatch.setattr(rl.evaluate, "build_engine", lambda name, **kwargs: Scripted(**kwargs))
     out = tmp_path / "out.json"
     code = _eval(
         str(tiny_model_dir), "--data", str(MATH500), "--prompt-key", "problem", "--k", "4",
@@ -185,11 +187,13 @@ def test_eval_metrics_from_known_completions(tmp_path, tiny_model_dir, monkeypat
 
 def test_eval_with_vllm_loads_no_policy_and_gives_vllm_the_gpu(tmp_path, tiny_model_dir, monkeypatch):
     """vLLM loads its own copy of the model: only the config is read, and the engine is not colocated."""
-    import rollouts
+    import rl.evaluate
 
     built = {}
 
     class Recorder:
+        shares_policy, batch_size, standalone, summary = False, None, {}, ""  # the engine protocol's
+
         def __init__(self, name, **kwargs):
             built.update(kwargs, name=name, calls=0)
 
@@ -200,7 +204,7 @@ def test_eval_with_vllm_loads_no_policy_and_gives_vllm_the_gpu(tmp_path, tiny_mo
         def close(self):
             pass
 
-    monkeypatch.setattr(rollouts, "build_engine", Recorder)
+    monkeypatch.setattr(rl.evaluate, "build_engine", Recorder)
     args = [
         "--data",
         str(MATH500),

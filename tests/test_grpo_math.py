@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from rl.grpo import aggregate_loss, entropy_from_logits, group_advantages, kl_penalty, policy_loss
+from rl.grpo import aggregate_loss, group_advantages, kl_penalty, policy_loss
+from rl.logprobs import entropy_from_logits
 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # 2 groups x 3 samples
 S = 1 / math.sqrt(3)  # unbiased std of {1, 0, 0} and of {1, 1, 0}

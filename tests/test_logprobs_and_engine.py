@@ -50,8 +50,7 @@ def test_chunked_logprobs_gradients_match_unchunked(tiny_model):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_head_logprobs_backward_matches_autograd(temperature):
-    from rl.grpo import entropy_from_logits
-    from rl.logprobs import HeadLogprobs
+    from rl.logprobs import HeadLogprobs, entropy_from_logits
 
     torch.manual_seed(0)
     hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)

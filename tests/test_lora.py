@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.config import load_config
 from rl.train import train
-from rollouts import merged_weights
+from rl.weights import merged_weights
 from rollouts.base import SamplingParams
 from rollouts.hf_engine import TransformersEngine
 

@@ -15,16 +15,13 @@ import math
 import pytest
 import torch
 
-from rl.grpo import (
-    aggregate_loss,
+from rl.grpo import aggregate_loss, group_advantages, passk_advantages, policy_loss
+from rl.losses import (
     cispo_loss,
     clip_cov_loss,
-    group_advantages,
     gspo_loss,
     kl_cov_loss,
     mismatch_correction,
-    passk_advantages,
-    policy_loss,
     sequence_log_ratio,
     top_entropy_mask,
 )

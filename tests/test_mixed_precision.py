@@ -12,7 +12,7 @@ from rl.distributed import Distributed
 from rl.logprobs import CompletionLogprobs, HeadLogprobs
 from rl.models import prepare_for_training
 from rl.train import train
-from rl.update import Sample, update_policy
+from rl.update import Sample, Trainee, update_policy
 from tests.conftest import build_model
 
 
@@ -47,14 +47,11 @@ def _one_update(
         for k in range(4)
     ]
     update_policy(
-        CompletionLogprobs(model),
-        model,
-        None,
+        Trainee(CompletionLogprobs(model), model, None, 0),
         optimizer,
         scheduler,
         samples,
         config,
-        0,
         Distributed(torch.device("cpu")),
     )
     moved = [p.detach() != b for p, b in zip(trained, before, strict=True)]

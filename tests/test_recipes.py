@@ -158,8 +158,10 @@ def test_held_out_rows_that_are_also_training_rows_are_dropped(tmp_path, tiny_mo
 
     config = load_config(None, [*base, f"eval.source={held_out}"])
     tokenizer = load_tokenizer(tiny_model_dir)
-    train_set = PromptSet.load(config, str(data), "train", None, tokenizer)
-    eval_set = PromptSet.load(config, str(held_out), "train", None, tokenizer, exclude=set(train_set.texts))
+    train_set = PromptSet.load(config.data, tokenizer, source=str(data), split="train")
+    eval_set = PromptSet.load(
+        config.data, tokenizer, source=str(held_out), split="train", exclude=set(train_set.texts)
+    )
     assert [r["prompt"] for r in eval_set.rows] == [extra["prompt"]]
     with pytest.raises(DataError, match="also in the training data"):
         train(load_config(None, [*base, f"eval.source={data}"]))

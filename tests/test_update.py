@@ -9,7 +9,7 @@ import torch
 from rl.config import load_config
 from rl.distributed import Distributed
 from rl.logprobs import CompletionLogprobs
-from rl.update import Sample, micro_batch_order, update_policy
+from rl.update import Sample, Trainee, micro_batch_order, update_policy
 from tests.conftest import assert_close_float32
 
 
@@ -43,7 +43,12 @@ def test_update_is_the_same_whichever_order_micro_batches_take(tiny_model, token
         dist = Distributed(torch.device("cpu"))
         trainer = CompletionLogprobs(policy)
         update_policy(
-            trainer, policy, None, optimizer, scheduler, samples, config, tokenizer.pad_token_id, dist
+            Trainee(trainer, policy, None, tokenizer.pad_token_id),
+            optimizer,
+            scheduler,
+            samples,
+            config,
+            dist,
         )
         results.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
     before = torch.cat([p.detach().flatten() for p in tiny_model.parameters()])
@@ -57,10 +62,8 @@ def test_the_update_leaves_no_gradients_for_the_rollout_that_follows(tiny_model,
     config = load_config(None, ["algorithm.minibatches=2", "train.prompts_per_step=2"])
     optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    metrics = update_policy(
-        CompletionLogprobs(tiny_model), tiny_model, None, optimizer, scheduler, samples, config,
-        tokenizer.pad_token_id, Distributed(torch.device("cpu")),
-    )  # fmt: skip
+    model = Trainee(CompletionLogprobs(tiny_model), tiny_model, None, tokenizer.pad_token_id)
+    metrics = update_policy(model, optimizer, scheduler, samples, config, Distributed(torch.device("cpu")))
     assert metrics["optim/updates"] == 2.0
     assert all(p.grad is None for p in tiny_model.parameters())
 

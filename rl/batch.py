@@ -1,0 +1,195 @@
+"""One step's training batch: prompts -> G completions each -> rewards -> group-relative advantages.
+
+    sample_batch        sampling rounds (DAPO's dynamic sampling may take several) over whole groups, with
+                        overlong shaping and filtering
+    rank_advantages     each group's advantages (over its scored samples only)
+    update_samples      the batch as the update's `Sample`s
+
+Masks, one vocabulary: `scored` (a reward function scored the sample: its reward is not NaN) and `trainable`
+(scored, and not dropped by overlong filtering: it enters the loss). Token masks are the update's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from rewards import RewardResult, RewardScorer
+from rl.config import AlgorithmConfig, Config
+from rl.data import PromptSampler, PromptSet, sample_and_score
+from rl.distributed import Distributed
+from rl.errors import AhaError
+from rl.grpo import group_advantages, informative_groups, overlong_penalty, passk_advantages
+from rl.update import Sample
+from rollouts import Completion, RolloutEngine, SamplingParams
+
+
+@dataclass
+class Round:
+    """One sampling round: its prompts, their completions and rewards, every group (an unfiltered view)."""
+
+    rows: list[int]  # [P] indices into the prompt set
+    completions: list[Completion]  # [P * G], prompt-major
+    scores: RewardResult
+    rewards: torch.Tensor  # [P, G] total reward after overlong shaping; NaN where unscored
+    scored: torch.Tensor  # [P, G] bool
+    trainable: torch.Tensor  # [P, G] bool
+
+
+@dataclass
+class Group:
+    """One prompt's G samples, kept for training."""
+
+    row: int
+    completions: list[Completion]  # [G]
+    rewards: torch.Tensor  # [G]
+    scored: torch.Tensor  # [G] bool
+    trainable: torch.Tensor  # [G] bool
+
+
+@dataclass
+class StepBatch:
+    """The groups one step trains on, and the first sampling round (for the step's reward metrics)."""
+
+    groups: list[Group]
+    first_round: Round
+    rounds: int
+    dropped_groups: int
+    rollout_s: float
+    reward_s: float
+
+    def stacked(self, field: str) -> torch.Tensor:
+        """[P, G] of a group field (`rewards`, `scored`, `trainable`) over the kept groups."""
+        rows = [getattr(g, field) for g in self.groups]
+        if rows:
+            return torch.stack(rows)
+        size = self.first_round.rewards.shape[1]
+        return torch.zeros((0, size), dtype=torch.float32 if field == "rewards" else torch.bool)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "rollout/sampling_rounds": float(self.rounds),
+            "rollout/dropped_groups": float(self.dropped_groups),
+            "rollout/trained_groups": float(len(self.groups)),
+        }
+
+
+@dataclass
+class Sampler:
+    """What sampling a batch needs: the engine and rewards, the prompts and their order, the ranks."""
+
+    engine: RolloutEngine
+    scorer: RewardScorer
+    prompts: PromptSet
+    order: PromptSampler
+    dist: Distributed
+    generation: Callable[[], AbstractContextManager]  # entered around every generate (rl/run.py)
+
+
+def round_seed(seed: int, step: int, round_index: int) -> int:
+    """The sampling seed of a step's round: prompt i of the round (its global position) draws from the stream
+    seed + i (rollouts.base.SamplingParams), so the three are spread far apart: 2^16 positions per round,
+    1009 rounds per step, a million steps per seed (all prime-ish strides, never colliding in practice)."""
+    return (seed * 1_000_003 + step * 1_009 + round_index) * 65_536
+
+
+def sample_batch(source: Sampler, config: Config, params: SamplingParams, step: int) -> StepBatch:
+    """Prompts -> G completions each -> rewards, with DAPO's options.
+
+    Overlong shaping adds a penalty to completions that run into the token-limit buffer; overlong filtering
+    keeps truncated completions out of the loss. Dynamic sampling drops groups whose rewards are all equal
+    and samples more prompts, for at most algorithm.dynamic_max_rounds extra rounds. With several ranks,
+    every rank draws the same global prompts and keeps its slice; prompt i of a round is sampled with seed
+    base + i (its global position), so what a prompt gets is the same on any number of ranks.
+    """
+    algo, dist = config.algorithm, source.dist
+    wanted = config.train.prompts_per_step // dist.world
+    max_rounds = 1 + (algo.dynamic_max_rounds if algo.dynamic_sampling else 0)
+    kept: list[Group] = []
+    first, rounds, dropped, rollout_s, reward_s = None, 0, 0, 0.0, 0.0
+    while rounds < max_rounds:
+        missing = int(dist.max(wanted - len(kept)))  # ranks draw in lockstep, so their samplers stay equal
+        if missing == 0:
+            break
+        rows = dist.shard(source.order.next_batch(missing * dist.world))[: wanted - len(kept)]
+        base = round_seed(config.train.seed, step, rounds) + dist.rank * missing
+        this, seconds = _sample_round(source, rows, dataclasses.replace(params, seed=base), config)
+        rollout_s, reward_s = rollout_s + seconds[0], reward_s + seconds[1]
+        first = first or this
+        keep = (
+            informative_groups(this.rewards, this.scored)
+            if algo.dynamic_sampling
+            else torch.ones(len(rows), dtype=torch.bool)
+        )
+        dropped += int((~keep).sum())
+        kept += [_group(this, g) for g in keep.nonzero().flatten().tolist()]
+        rounds += 1
+    return StepBatch(kept, first, rounds, dropped, rollout_s, reward_s)
+
+
+def _sample_round(
+    source: Sampler, rows: list[int], params: SamplingParams, config: Config
+) -> tuple[Round, tuple[float, float]]:
+    """One round: generate and score `rows` (every rank together), then shape and mask the rewards."""
+    algo, group_size = config.algorithm, params.n
+    with source.dist.together("sampling and scoring"):
+        sampled = sample_and_score(
+            source.prompts, source.engine, source.scorer, rows, params, generation=source.generation
+        )
+    completions, scores = sampled.completions, sampled.scores
+    rewards = torch.tensor(scores.total, dtype=torch.float32)  # [P * G]
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+    if algo.overlong_buffer:
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        rewards = rewards + overlong_penalty(
+            lengths, config.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
+        )
+    rewards = rewards.view(-1, group_size)  # [P, G]
+    scored = ~torch.isnan(rewards)
+    trainable = scored & ~truncated.view(-1, group_size) if algo.overlong_filter else scored
+    return Round(rows, completions, scores, rewards, scored, trainable), (sampled.sample_s, sampled.score_s)
+
+
+def _group(round_: Round, g: int) -> Group:
+    size = round_.rewards.shape[1]
+    return Group(
+        round_.rows[g],
+        round_.completions[g * size : (g + 1) * size],
+        round_.rewards[g],
+        round_.scored[g],
+        round_.trainable[g],
+    )
+
+
+def rank_advantages(batch: StepBatch, algo: AlgorithmConfig, dist: Distributed) -> torch.Tensor:
+    """Advantages [P, G] of this rank's groups, over scored samples only (an unscored one gets 0 and moves no
+    statistic). Groups never span ranks, so only the batch scales need the other ranks' rewards."""
+    rewards, scored = batch.stacked("rewards"), batch.stacked("scored")
+    if algo.advantage == "passk":
+        if bool(((rewards != 0) & (rewards != 1) & scored).any()):
+            raise AhaError(
+                "algorithm.advantage=passk needs rewards of 0 or 1 (one accuracy reward, no shaping); this "
+                "step's rewards hold other values"
+            )
+        return passk_advantages(rewards, algo.passk_k, scored=scored)
+    if not algo.scale.startswith("batch") or not dist.enabled:
+        return group_advantages(rewards, algo.baseline, algo.scale, scored=scored)  # [P, G]
+    per_rank = dist.gather_objects((rewards.cpu(), scored.cpu()))
+    all_rewards, all_scored = (torch.cat(parts) for parts in zip(*per_rank, strict=True))  # [P * world, G]
+    everything = group_advantages(all_rewards, algo.baseline, algo.scale, scored=all_scored)
+    offset = sum(len(r) for r, _ in per_rank[: dist.rank])
+    return everything[offset : offset + len(rewards)]
+
+
+def update_samples(batch: StepBatch, prompts: PromptSet, advantages: torch.Tensor) -> list[Sample]:
+    """The batch's completions as the update's samples: prompt and completion ids, the engine's log-probs,
+    the advantage, and whether it is trainable."""
+    return [
+        Sample(g, prompts.ids[group.row], c.token_ids, c.logprobs, float(a), bool(t))
+        for g, group in enumerate(batch.groups)
+        for c, a, t in zip(group.completions, advantages[g].tolist(), group.trainable.tolist(), strict=True)
+    ]
