@@ -38,6 +38,9 @@ class Round:
     rewards: torch.Tensor  # [P, G] total reward after overlong shaping; NaN where unscored
     scored: torch.Tensor  # [P, G] bool
     trainable: torch.Tensor  # [P, G] bool
+    version: int | None = (
+        None  # the policy version that sampled it, when sampled ahead (async); None: current
+    )
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Group:
     rewards: torch.Tensor  # [G]
     scored: torch.Tensor  # [G] bool
     trainable: torch.Tensor  # [G] bool
+    version: int | None = None
 
 
 @dataclass
@@ -70,12 +74,19 @@ class StepBatch:
         size = self.first_round.rewards.shape[1]
         return torch.zeros((0, size), dtype=torch.float32 if field == "rewards" else torch.bool)
 
-    def metrics(self) -> dict[str, float]:
-        return {
+    def metrics(self, policy_version: int | None = None) -> dict[str, float]:
+        """Rounds and groups; with `policy_version` (the version being trained, asynchronous rollouts) also the
+        staleness of the trained groups: how many versions older the weights that sampled them are."""
+        out = {
             "rollout/sampling_rounds": float(self.rounds),
             "rollout/dropped_groups": float(self.dropped_groups),
             "rollout/trained_groups": float(len(self.groups)),
         }
+        if policy_version is not None:
+            lag = [policy_version - (policy_version if g.version is None else g.version) for g in self.groups]
+            out["rollout/staleness_mean"] = sum(lag) / len(lag) if lag else 0.0
+            out["rollout/staleness_max"] = float(max(lag, default=0))
+        return out
 
 
 @dataclass
@@ -97,14 +108,21 @@ def round_seed(seed: int, step: int, round_index: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + round_index) * 65_536
 
 
-def sample_batch(source: Sampler, config: Config, params: SamplingParams, step: int) -> StepBatch:
+def sample_batch(
+    source: Sampler,
+    config: Config,
+    params: SamplingParams,
+    step: int,
+    prefetched: tuple[Round, tuple[float, float]] | None = None,
+) -> StepBatch:
     """Prompts -> G completions each -> rewards, with DAPO's options.
 
     Overlong shaping adds a penalty to completions that run into the token-limit buffer; overlong filtering
     keeps truncated completions out of the loss. Dynamic sampling drops groups whose rewards are all equal
     and samples more prompts, for at most algorithm.dynamic_max_rounds extra rounds. With several ranks,
     every rank draws the same global prompts and keeps its slice; prompt i of a round is sampled with seed
-    base + i (its global position), so what a prompt gets is the same on any number of ranks.
+    base + i (its global position), so what a prompt gets is the same on any number of ranks. `prefetched`:
+    the first round, already sampled and scored (asynchronous rollouts), with its seconds.
     """
     algo, dist = config.algorithm, source.dist
     wanted = config.train.prompts_per_step // dist.world
@@ -115,15 +133,18 @@ def sample_batch(source: Sampler, config: Config, params: SamplingParams, step: 
         missing = int(dist.max(wanted - len(kept)))  # ranks draw in lockstep, so their samplers stay equal
         if missing == 0:
             break
-        rows = dist.shard(source.order.next_batch(missing * dist.world))[: wanted - len(kept)]
-        base = round_seed(config.train.seed, step, rounds) + dist.rank * missing
-        this, seconds = _sample_round(source, rows, dataclasses.replace(params, seed=base), config)
+        if rounds == 0 and prefetched is not None:
+            this, seconds = prefetched
+        else:
+            rows = dist.shard(source.order.next_batch(missing * dist.world))[: wanted - len(kept)]
+            base = round_seed(config.train.seed, step, rounds) + dist.rank * missing
+            this, seconds = _sample_round(source, rows, dataclasses.replace(params, seed=base), config)
         rollout_s, reward_s = rollout_s + seconds[0], reward_s + seconds[1]
         first = first or this
         keep = (
             informative_groups(this.rewards, this.scored)
             if algo.dynamic_sampling
-            else torch.ones(len(rows), dtype=torch.bool)
+            else torch.ones(len(this.rows), dtype=torch.bool)
         )
         dropped += int((~keep).sum())
         kept += [_group(this, g) for g in keep.nonzero().flatten().tolist()]
@@ -135,12 +156,22 @@ def _sample_round(
     source: Sampler, rows: list[int], params: SamplingParams, config: Config
 ) -> tuple[Round, tuple[float, float]]:
     """One round: generate and score `rows` (every rank together), then shape and mask the rewards."""
-    algo, group_size = config.algorithm, params.n
     with source.dist.together("sampling and scoring"):
         sampled = sample_and_score(
             source.prompts, source.engine, source.scorer, rows, params, generation=source.generation
         )
-    completions, scores = sampled.completions, sampled.scores
+    return shape_round(rows, sampled.completions, sampled.scores, config), (sampled.sample_s, sampled.score_s)
+
+
+def shape_round(
+    rows: list[int],
+    completions: list[Completion],
+    scores: RewardResult,
+    config: Config,
+    version: int | None = None,
+) -> Round:
+    """A round from its completions and scores: overlong shaping of the rewards, the scored and trainable masks."""
+    algo, group_size = config.algorithm, config.rollout.group_size
     rewards = torch.tensor(scores.total, dtype=torch.float32)  # [P * G]
     truncated = torch.tensor([c.finish_reason == "length" for c in completions])
     if algo.overlong_buffer:
@@ -151,7 +182,7 @@ def _sample_round(
     rewards = rewards.view(-1, group_size)  # [P, G]
     scored = ~torch.isnan(rewards)
     trainable = scored & ~truncated.view(-1, group_size) if algo.overlong_filter else scored
-    return Round(rows, completions, scores, rewards, scored, trainable), (sampled.sample_s, sampled.score_s)
+    return Round(rows, completions, scores, rewards, scored, trainable, version)
 
 
 def _group(round_: Round, g: int) -> Group:
@@ -162,6 +193,7 @@ def _group(round_: Round, g: int) -> Group:
         round_.rewards[g],
         round_.scored[g],
         round_.trainable[g],
+        round_.version,
     )
 
 

@@ -128,6 +128,13 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 = off)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings; the completion ends with (and includes) the first one produced."""
+    max_staleness: int = 0
+    """0: on-policy, each batch sampled by the weights of the step before. k >= 1: asynchronous rollouts: an
+    engine in its own process samples the batch of step s from the policy of step s-1-k while the trainer
+    updates on earlier ones; the update's ratio is taken against the engine's own log-probs (docs/async.md).
+    One process (no launcher) only."""
+    engine_threads: int = 1
+    """CPU threads of the engine process when max_staleness >= 1 (the trainer keeps the other cores)."""
     transformers: TransformersEngineConfig = field(default_factory=TransformersEngineConfig)
     """Options of the transformers engine."""
     vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
@@ -528,6 +535,8 @@ def validate(config: Config) -> None:
     if algo.dynamic_max_rounds < 0:
         raise ConfigError("algorithm.dynamic_max_rounds must be >= 0")
     _validate_loss_menu(config)
+    if rollout.max_staleness < 0 or rollout.engine_threads < 1:
+        raise ConfigError("rollout.max_staleness must be >= 0 and rollout.engine_threads >= 1")
     if algo.kl_coef < 0:
         raise ConfigError("algorithm.kl_coef must be >= 0")
     if config.optim.lr <= 0:

@@ -78,11 +78,13 @@ class CpuShare:
     """Re-picks torch's thread count from the cores other processes leave free, each time `adjust` is called
     (once a step). Inactive (`adjust` returns the fixed count) when `fixed` is set or /proc/stat is missing."""
 
-    def __init__(self, fixed: int | None = None) -> None:
-        self.cores = usable_cores()
+    def __init__(self, fixed: int | None = None, reserved: int = 0) -> None:
+        self.cores = max(1, usable_cores() - reserved)  # `reserved`: cores this process's children keep busy
         self.active = fixed is None and busy_seconds() is not None
         self.threads = fixed or torch.get_num_threads()
-        self.limit = self.threads  # never more threads than torch started with (OMP_NUM_THREADS, the cores)
+        self.limit = min(
+            self.threads, self.cores
+        )  # never more than torch started with, nor than the cores left
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:

@@ -65,6 +65,9 @@ class Run:
     dist: Distributed
     start_step: int = 1
     skipped_in_a_row: int = 0
+    in_flight: list[dict] = dataclasses.field(
+        default_factory=list
+    )  # batches sampled ahead, from a checkpoint
 
     def generation_weights(self) -> contextlib.AbstractContextManager:
         """Around sampling, for engines that sample from the policy module itself: a sharded policy gathered
@@ -107,7 +110,7 @@ def start_run(config: Config) -> Run:
             tokenizer, policy, reference, policy_path = _load_models(config, device, dist, resume_from)
             train_set, eval_set = _load_data(config, tokenizer)
         with dist.together("starting the rollout engine"):
-            engine = _build_engine(config, policy, tokenizer, policy_path)
+            engine = _build_engine(config, policy, tokenizer, policy_path, dist)
             if config.model.lora.r and resume_from:
                 engine.update_weights(
                     policy
@@ -155,6 +158,7 @@ def start_run(config: Config) -> Run:
         run.sampler.load_state_dict(state["sampler"])
         run.alarms.load_state_dict(state["alarms"])
         run.start_step, run.skipped_in_a_row = state["step"] + 1, state["skipped_in_a_row"]
+        run.in_flight = state.get("in_flight", [])
         run.console.message(f"resuming from {resume_from} at step {run.start_step}", style="cyan")
     for note in [engine.summary, *run.loggers.warnings]:
         if note:
@@ -218,18 +222,28 @@ def _load_data(config: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet | N
 
 
 def _build_engine(
-    config: Config, policy: torch.nn.Module, tokenizer: Any, policy_path: Path | str
+    config: Config, policy: torch.nn.Module, tokenizer: Any, policy_path: Path | str, dist: Distributed
 ) -> RolloutEngine:
-    return build_engine(
-        config.rollout.engine,
-        policy=policy,
-        tokenizer=tokenizer,
-        model_path=str(policy_path),
+    """The rollout engine; with rollout.max_staleness >= 1, the same engine in its own process."""
+    options = dict(
         dtype=config.model.compute_dtype or config.model.dtype,  # vLLM computes in the mixed-precision dtype
         context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
+    if not config.rollout.max_staleness:
+        return build_engine(
+            config.rollout.engine, policy=policy, tokenizer=tokenizer, model_path=str(policy_path), **options
+        )
+    if dist.enabled:
+        raise AhaError("rollout.max_staleness >= 1 (asynchronous rollouts) runs in one process for now")
+    from rl.weights import merged_weights
+    from rollouts.process_engine import ProcessEngine
+
+    return ProcessEngine(
+        config.rollout.engine, policy, str(policy_path), merged_weights(policy), config.rollout.engine_threads,
+        config.model.compute_dtype, options,
+    )  # fmt: skip
 
 
 def _optimizer(
@@ -255,8 +269,9 @@ def _loggers(config: Config) -> Loggers:
     )
 
 
-def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
-    """Called on every rank: sharded weights and optimizer state are gathered whole; rank 0 writes them."""
+def save_run_checkpoint(run: Run, step: int, row: dict, in_flight: list[dict] | None = None) -> None:
+    """Called on every rank: sharded weights and optimizer state are gathered whole; rank 0 writes them.
+    `in_flight`: the batches sampled ahead (asynchronous rollouts), so a resume trains on exactly them."""
     weights, optimizer_state = (
         run.dist.full_state_dict(run.policy),
         run.dist.full_optimizer_state(run.optimizer),
@@ -270,6 +285,7 @@ def save_run_checkpoint(run: Run, step: int, row: dict) -> None:
         "skipped_in_a_row": run.skipped_in_a_row,
         "best_value": row.get(cfg.keep_best) if cfg.keep_best else None,
         "config": to_dict(run.config),  # a resume checks that it continues the same run (rl/rundir.py)
+        "in_flight": in_flight or [],
     }
     save_checkpoint(
         run.run_dir, step, run.policy, run.tokenizer, run.optimizer, run.scheduler, state,

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from rl import metrics as M
-from rl.batch import Sampler, StepBatch, rank_advantages, sample_batch, update_samples
+from rl.batch import Sampler, StepBatch, rank_advantages, update_samples
 from rl.config import Config
 from rl.cpu import CpuShare
 from rl.errors import AhaError
 from rl.evaluate import eval_summary, evaluate_held_out, held_out_params
 from rl.run import GracefulStop, Run, RunStopped, finish_run, save_run_checkpoint, start_run
+from rl.schedule import Ahead, OnPolicy, Schedule
 from rl.tracking import append_jsonl, sample_records
 from rl.update import update_policy
 from rollouts import SamplingParams
@@ -44,17 +45,18 @@ def train(config: Config) -> Path:
     sampler = Sampler(run.engine, run.scorer, run.train_set, run.sampler, run.dist, run.generation_weights)
     evaluations: dict[str, list[dict]] = {}
     stop = GracefulStop(run.console)
-    fixed = config.train.threads or (torch.get_num_threads() if config.train.deterministic else None)
-    cpu = CpuShare(fixed if run.device.type == "cpu" else torch.get_num_threads())
+    cpu = cpu_share(run)
     try:
         if run.start_step == 1:
             evaluate(run, evaluations, "before", {"step": 0}, log=True)
+        schedule = make_schedule(run, sampler, params)  # on-policy, or sampled ahead (rl/schedule.py)
+        started = time.perf_counter()
         for step in range(run.start_step, config.train.steps + 1):
             step_start = time.perf_counter()
             threads = cpu.adjust()  # the cores other processes leave free (rl/cpu.py)
 
             # ---- 1-2. sample and score ----------------------------------------------------------------------
-            batch = sample_batch(sampler, config, params, step)
+            batch = schedule.batch(step)
 
             # ---- 3. advantages ------------------------------------------------------------------------------
             advantages = rank_advantages(batch, config.algorithm, run.dist)  # [P, G]
@@ -68,15 +70,14 @@ def train(config: Config) -> Path:
 
             # ---- 5. sync ------------------------------------------------------------------------------------
             t = time.perf_counter()
-            with run.dist.together("syncing the weights into the rollout engine"):
-                run.engine.wake()
-                run.engine.update_weights(run.policy)
+            schedule.after_update(step, run.policy)
             sync_s = time.perf_counter() - t
 
             # ---- 6. log, evaluate, checkpoint ---------------------------------------------------------------
-            timing = {"update": update_s, "sync": sync_s, "step": time.perf_counter() - step_start}
+            now = time.perf_counter()
+            timing = {"update": update_s, "sync": sync_s, "step": now - step_start, "elapsed": now - started}
             row = step_row(run, step, batch, update, timing, threads)
-            end_of_step(run, step, row, batch, evaluations, stop)
+            end_of_step(run, step, row, batch, evaluations, stop, schedule)
         # every rank joins; before the engine closes (vLLM's shutdown takes the process group down with it)
         weights = run.dist.full_state_dict(run.policy) if config.run.save_model else None
     finally:
@@ -86,6 +87,21 @@ def train(config: Config) -> Path:
     if run.dist.is_main:
         finish_run(run, evaluations, weights)
     return run.run_dir
+
+
+def make_schedule(run: Run, sampler: Sampler, params: SamplingParams) -> Schedule:
+    if not run.config.rollout.max_staleness:
+        return OnPolicy(sampler, run.config, params)
+    return Ahead(sampler, run.engine, run.config, params, run.start_step, run.in_flight)
+
+
+def cpu_share(run: Run) -> CpuShare:
+    """Torch's threads: fixed by train.threads or determinism, else the free cores (rl/cpu.py), less those of
+    an engine process."""
+    config = run.config
+    fixed = config.train.threads or (torch.get_num_threads() if config.train.deterministic else None)
+    reserved = config.rollout.engine_threads if config.rollout.max_staleness else 0
+    return CpuShare(fixed if run.device.type == "cpu" else torch.get_num_threads(), reserved)
 
 
 def warn_low_precision(run: Run) -> None:
@@ -109,7 +125,7 @@ def step_row(
     row.update(
         M.rollout_metrics(first.completions, first.scores.correct, batch.rollout_s, track.reflection_words)
     )
-    row.update(batch.metrics())
+    row.update(batch.metrics(step - 1 if run.config.rollout.max_staleness else None))
     row.update(update)
     row.update(
         M.timing_metrics(
@@ -119,11 +135,18 @@ def step_row(
     )  # fmt: skip
     row["perf/peak_mem_gib"] = M.peak_memory_gib(run.device)
     row["perf/threads"] = float(threads)
+    row["perf/elapsed_s"] = timing["elapsed"]
     return run.dist.reduce_metrics(row)
 
 
 def end_of_step(
-    run: Run, step: int, row: dict, batch: StepBatch, evaluations: dict, stop: GracefulStop
+    run: Run,
+    step: int,
+    row: dict,
+    batch: StepBatch,
+    evaluations: dict,
+    stop: GracefulStop,
+    schedule: Schedule,
 ) -> None:
     """Held-out evaluation when due, alarms, samples, the metrics line, a checkpoint when due; stops the run on
     repeated NaN steps (AhaError) or a stop signal (RunStopped)."""
@@ -141,7 +164,9 @@ def end_of_step(
     stopping = run.dist.max(float(stop.requested)) > 0  # every rank stops at the same step
     every = config.run.checkpoint_every
     if last or stopping or (every and step % every == 0):
-        save_run_checkpoint(run, step, row)  # every rank: sharded state is gathered for rank 0
+        save_run_checkpoint(
+            run, step, row, schedule.in_flight()
+        )  # every rank: sharded state gathered for rank 0
         run.dist.barrier()
     if run.skipped_in_a_row >= config.train.max_skipped_steps:
         raise AhaError(

@@ -62,6 +62,13 @@ class MicroBatch:
     mask: torch.Tensor
     entropy: torch.Tensor
     ref_logprobs: torch.Tensor | None = None  # with algorithm.kl_coef > 0
+    old_is_rollout: bool = False  # sampled ahead (async): old_logprobs are the engine's, the behaviour policy
+
+    @property
+    def trainer_side(self) -> torch.Tensor:
+        """The trainer-side log-probs the mismatch correction compares with the engine's: the policy that
+        sampled, as the trainer computes it; when batches are sampled ahead, the current policy's."""
+        return self.logprobs.detach() if self.old_is_rollout else self.old_logprobs
 
 
 @dataclass
@@ -86,13 +93,13 @@ def micro_batch_loss(mb: MicroBatch, algo: AlgorithmConfig, norm: dict[str, int]
     high-entropy token selection (1 when off), agg `algo.loss_agg` with the mini-batch normalisers `norm`
     (max_len, num_seqs, num_tokens): masked tokens count in the normaliser, so micro-batches still add up.
     """
-    logp, old, mask = mb.logprobs, mb.old_logprobs, mb.mask
+    logp, mask = mb.logprobs, mb.mask
     counts: dict[str, tuple[float, float]] = {}
     ranges: dict[str, tuple[float, float]] = {}
     per_token, clip_low, clip_high = _policy_loss(mb, algo, counts, ranges)
     if algo.mismatch != "none":
         fix = mismatch_correction(
-            old, mb.rollout_logprobs, mask, algo.mismatch, algo.mismatch_low, algo.mismatch_high
+            mb.trainer_side, mb.rollout_logprobs, mask, algo.mismatch, algo.mismatch_low, algo.mismatch_high
         )
         per_token = per_token * fix.weights
         tokens = float(mask.sum())
@@ -166,8 +173,12 @@ def update_policy(
     them in its backward.
     """
     algo = config.algorithm
+    # The behaviour policy the ratio is taken against: the engine's own log-probs when batches are sampled
+    # ahead by older weights (rollout.max_staleness >= 1); else the trainer's, recorded before the first step
+    # when several steps reuse the batch, or (one step) the current log-probs themselves.
+    behaviour = config.rollout.max_staleness > 0
     single_update = algo.epochs == 1 and algo.minibatches == 1
-    old = None if single_update else old_logprobs(model, samples, config, dist)
+    old = None if single_update or behaviour else old_logprobs(model, samples, config, dist)
     sums = M.UpdateAccumulator()
     model.policy.train()
     for _ in range(algo.epochs):
@@ -220,14 +231,23 @@ def _backward(
             logprobs, entropy = model.trainer(batch, temperature, with_entropy=True)  # [b, T]
         # One update per batch: the weights that sampled it are the current ones, so old log-probs equal these
         # (detached: ratio 1, gradient grad(logp) * A), and a forward is saved.
-        old_logprobs = logprobs.detach() if old is None else _stack([old[id(s)] for s in chunk], logprobs)
+        rollout_logprobs = _stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs)
+        if config.rollout.max_staleness > 0:
+            old_logprobs = (
+                rollout_logprobs  # sampled ahead by older weights: the engine's are the behaviour's
+            )
+        elif old is None:
+            old_logprobs = logprobs.detach()
+        else:
+            old_logprobs = _stack([old[id(s)] for s in chunk], logprobs)
         mb = MicroBatch(
             logprobs=logprobs,
             old_logprobs=old_logprobs,
-            rollout_logprobs=_stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs),
+            rollout_logprobs=rollout_logprobs,
             advantages=torch.tensor([s.advantage for s in chunk], device=device),  # [b]
             mask=batch.completion_mask.to(device),
             entropy=entropy,
+            old_is_rollout=config.rollout.max_staleness > 0,
         )
         if config.algorithm.kl_coef:
             with autocast(config.model, device):
@@ -239,7 +259,7 @@ def _backward(
     if real and finite:
         ratio = torch.exp(logprobs.detach() - old_logprobs)  # [b, T]
         sums.add(mb.mask, parts.pg_loss, entropy, parts.clip_low, parts.clip_high, ratio, parts.kl)
-        sums.add_mismatch(mb.mask, old_logprobs, mb.rollout_logprobs)
+        sums.add_mismatch(mb.mask, mb.trainer_side, mb.rollout_logprobs)
         sums.add_counts(parts.counts, parts.ranges)
     return finite
 

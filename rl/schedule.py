@@ -1,0 +1,142 @@
+"""When each step's batch is sampled: on-policy (`rollout.max_staleness: 0`) or ahead, with bounded staleness.
+
+    OnPolicy       step s samples its batch with the weights after update s-1, then trains and syncs (today's
+                   loop, unchanged)
+    Ahead          the batch of step s is sampled by an engine in its own process (rollouts/process_engine.py)
+                   from policy version max(0, s-1-k), k = max_staleness, while the trainer updates on earlier
+                   batches: after update s the trainer publishes version s and submits the batch of step
+                   s+k+1. The schedule of versions is fixed by the step numbers alone, so a run is
+                   reproducible and a resume exact: a checkpoint holds the batches still in flight.
+Version v is the policy after v updates; a batch trained at step s with version v has staleness s-1-v <= k.
+The update corrects for it with the engine's own log-probs of the sampled tokens as the behaviour policy
+(rl/update.py), the same ratio the mismatch knobs act on (docs/async.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Protocol
+
+import torch
+
+from rl.batch import Sampler, StepBatch, round_seed, sample_batch, shape_round
+from rl.config import Config
+from rl.weights import merged_weights
+from rollouts import Completion, SamplingParams
+from rollouts.process_engine import ProcessEngine
+
+
+class Schedule(Protocol):
+    def batch(self, step: int) -> StepBatch:
+        """The batch step `step` trains on."""
+        ...
+
+    def after_update(self, step: int, policy: torch.nn.Module) -> None:
+        """The policy was updated at `step`: make the engine sample from it (now, or for later batches)."""
+        ...
+
+    def in_flight(self) -> list[dict]:
+        """The batches sampled ahead and not yet trained on, collected, for a checkpoint ([] on-policy)."""
+        ...
+
+
+class OnPolicy:
+    """Sample, train, sync, in turn."""
+
+    def __init__(self, source: Sampler, config: Config, params: SamplingParams) -> None:
+        self.source, self.config, self.params = source, config, params
+
+    def batch(self, step: int) -> StepBatch:
+        return sample_batch(self.source, self.config, self.params, step)
+
+    def after_update(self, step: int, policy: torch.nn.Module) -> None:
+        with self.source.dist.together("syncing the weights into the rollout engine"):
+            self.source.engine.wake()
+            self.source.engine.update_weights(policy)
+
+    def in_flight(self) -> list[dict]:
+        return []
+
+
+@dataclasses.dataclass
+class _Sampled:
+    """A batch's first round, collected from the engine and not yet scored."""
+
+    rows: list[int]
+    version: int
+    completions: list[Completion]
+    wait_s: float
+
+
+class Ahead:
+    """Batches sampled up to k steps ahead by an engine in another process (see the module docstring)."""
+
+    def __init__(
+        self, source: Sampler, engine: ProcessEngine, config: Config, params: SamplingParams, start_step: int,
+        saved: list[dict],
+    ) -> None:  # fmt: skip
+        self.source, self.engine, self.config, self.params = source, engine, config, params
+        self.k = config.rollout.max_staleness
+        self.pending: dict[int, tuple[list[int], int]] = {}  # step -> (rows, request)
+        self.collected: dict[int, _Sampled] = {s["step"]: _restore(s) for s in saved}
+        engine.label(start_step - 1)  # the weights it was built from: the policy after start_step - 1 updates
+        self._fill(start_step + self.k)
+
+    def _fill(self, up_to: int) -> None:
+        """Submit the batches of every step up to `up_to` (and the run's last) not yet submitted."""
+        last = max([0, *self.pending, *self.collected])
+        for step in range(last + 1, min(up_to, self.config.train.steps) + 1):
+            rows = self.source.order.next_batch(self.config.train.prompts_per_step)
+            params = dataclasses.replace(self.params, seed=round_seed(self.config.train.seed, step, 0))
+            self.pending[step] = (
+                rows,
+                self.engine.submit([self.source.prompts.ids[r] for r in rows], params),
+            )
+
+    def _collect(self, step: int) -> _Sampled:
+        if step not in self.collected:
+            rows, request = self.pending.pop(step)
+            start = time.perf_counter()
+            version, groups = self.engine.collect(request)
+            completions = [c for group in groups for c in group]
+            self.collected[step] = _Sampled(rows, version, completions, time.perf_counter() - start)
+        return self.collected.pop(step)
+
+    def batch(self, step: int) -> StepBatch:
+        got = self._collect(step)
+        start = time.perf_counter()
+        scores = self.source.prompts.score(self.source.scorer, got.rows, got.completions, self.params.n)
+        first = shape_round(got.rows, got.completions, scores, self.config, got.version)
+        return sample_batch(
+            self.source,
+            self.config,
+            self.params,
+            step,
+            prefetched=(first, (got.wait_s, time.perf_counter() - start)),
+        )
+
+    def after_update(self, step: int, policy: torch.nn.Module) -> None:
+        self.engine.publish(merged_weights(policy), step)
+        self._fill(step + self.k + 1)
+
+    def in_flight(self) -> list[dict]:
+        for step in sorted(self.pending):
+            self.collected[step] = self._collect(step)
+        return [_saved(step, got) for step, got in sorted(self.collected.items())]
+
+
+def _saved(step: int, got: _Sampled) -> dict:
+    return {
+        "step": step,
+        "rows": got.rows,
+        "version": got.version,
+        "completions": [[c.token_ids, c.logprobs, c.finish_reason, c.text] for c in got.completions],
+    }
+
+
+def _restore(saved: dict) -> _Sampled:
+    completions = [
+        Completion(list(t), list(lp), finish, text) for t, lp, finish, text in saved["completions"]
+    ]
+    return _Sampled(list(saved["rows"]), int(saved["version"]), completions, 0.0)
