@@ -59,7 +59,9 @@ class ProcessEngine:
         )
         self._process.start()
         child.close()
-        self.summary = f"rollout engine ({inner}) in its own process (pid {self._process.pid}, {threads} thread(s))"
+        self.summary = (
+            f"rollout engine ({inner}) in its own process (pid {self._process.pid}, {threads} thread(s))"
+        )
 
     # ----------------------------------------------------------------------------------- overlapping
 
@@ -153,7 +155,9 @@ def _serve(
         engine, model = _build(inner, model_path, config, shared, options)
         version = 0
         autocast = (
-            torch.autocast("cpu", dtype=getattr(torch, compute_dtype)) if compute_dtype else contextlib.nullcontext()
+            torch.autocast("cpu", dtype=getattr(torch, compute_dtype))
+            if compute_dtype
+            else contextlib.nullcontext()
         )
         while True:
             message = conn.recv()
@@ -180,7 +184,9 @@ def _serve(
         conn.close()
 
 
-def _build(inner: str, model_path: str, config: Any, shared: dict, options: dict) -> tuple[Any, torch.nn.Module]:
+def _build(
+    inner: str, model_path: str, config: Any, shared: dict, options: dict
+) -> tuple[Any, torch.nn.Module]:
     from transformers import AutoModelForCausalLM
 
     from rl.models import load_tokenizer
