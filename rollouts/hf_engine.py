@@ -31,9 +31,9 @@ class TransformersEngine:
         **_: Any,
     ) -> None:
         self.policy = policy
-        self.fast_decoding = (
-            fast_decoding  # LlamaDecoder for Llama/Qwen2 models; False: transformers' forward
-        )
+        # rollout.transformers.fast_decoding: Llama/Qwen2 models through LlamaDecoder (rollouts/llama_decoder.py);
+        # False, or any other model, through transformers' forward (_GenericDecoder).
+        self.fast_decoding = fast_decoding
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -262,7 +262,7 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
             attention_bias=True,
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
         ),
-        "llama_dynamic_rope": lambda: _llama(  # frequencies that depend on the length: no rotary table
+        "llama_dynamic_rope": lambda: _llama(  # frequencies that depend on the sequence's length
             tokenizer,
             rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
         ),
@@ -276,7 +276,6 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         decoder = LlamaDecoder(model, len(prompts) * copies, width + 3)
-        assert (decoder.rotary_table is None) == (arch == "llama_dynamic_rope")
         got = [decoder.prefill(ids, attention, copies)]
         for column in range(3):
             got.append(decoder.step(torch.tensor([appended[i // copies][column] for i in range(4)])))
@@ -287,28 +286,60 @@ def test_llama_decoder_logits_match_transformers_forward(arch, tokenizer):
                 assert_close_float32(logits[row], reference[len(p) - 1 + j])
 
 
-def test_decoder_multiplies_by_transposed_and_fused_weights_up_to_a_size_cap_with_the_same_logits(
-    tokenizer, monkeypatch
-):
-    from rollouts import llama_decoder
+def test_fast_decoding_runs_the_hooks_of_the_modules_it_calls(tokenizer):
+    # The decoder calls the model's own projections, norms, MLPs and LM head as modules, so forward hooks on
+    # them (and global ones) apply as in transformers' forward; hooks on the layers themselves do not run
+    # (module docstring): fast_decoding=false is the path for those.
+    from torch.nn.modules.module import register_module_forward_hook
+
     from tests.conftest import build_model
 
     model = build_model(len(tokenizer), initializer_range=0.1).eval()
-    ids, attention = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
-    logits, copies = [], []
-    for cap in (llama_decoder.TRANSPOSE_MAX_BYTES, 0):
-        monkeypatch.setattr(llama_decoder, "TRANSPOSE_MAX_BYTES", cap)
-        with torch.inference_mode():
-            decoder = llama_decoder.LlamaDecoder(model, 4, 5)
-            logits.append([decoder.prefill(ids, attention, 2), decoder.step(torch.tensor([10, 11, 12, 13]))])
-        copies.append((len(decoder.transposed), len(decoder.fused_qkv)))
-    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-    layers = len(model.model.layers)
-    # Under the cap every projection and the head has a transposed copy, each layer's q, k and v side by side
-    # in one; over it none.
-    assert copies == [(linears - 3 * layers, layers), (0, 0)]
-    for with_copies, without in zip(*logits, strict=True):
-        assert_close_float32(with_copies, without)
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(n=2, max_new_tokens=6, temperature=0.8, seed=1)
+    plain = TransformersEngine(model, tokenizer).generate(prompts, params)
+    seen = []
+    handles = [
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: out * 3),
+        register_module_forward_hook(lambda module, args, out: seen.append(type(module).__name__)),
+    ]
+    try:
+        fast = TransformersEngine(model, tokenizer).generate(prompts, params)
+        fast_seen, seen[:] = list(seen), []
+        generic = TransformersEngine(model, tokenizer, fast_decoding=False).generate(prompts, params)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fast_flat, generic_flat = [c for g in fast for c in g], [c for g in generic for c in g]
+    assert [c.logprobs for c in fast_flat] != [c.logprobs for g in plain for c in g]  # the hook applied
+    for a, b in zip(fast_flat, generic_flat, strict=True):
+        assert a.token_ids == b.token_ids
+        assert_close_float32(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    linears = 7 * len(model.model.layers) + 1  # per layer q, k, v, o, gate, up, down; the LM head
+    assert fast_seen.count("Linear") >= linears * params.max_new_tokens and "Qwen2RMSNorm" in fast_seen
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_decoding_is_switched_by_the_config(fast, tmp_path, monkeypatch):
+    import rollouts.hf_engine as H
+    from rl.cli import resolve_recipe
+    from rl.config import load_config
+    from rl.train import train
+
+    built, decoder = [], H.LlamaDecoder
+    monkeypatch.setattr(H, "LlamaDecoder", lambda *args: built.append(args) or decoder(*args))
+    overrides = [
+        f"rollout.transformers.fast_decoding={str(fast).lower()}",
+        "train.steps=1",
+        "eval.size=0",
+        "track.console=quiet",
+        "track.tensorboard=false",
+        "track.dashboard=false",
+        "run.save_model=false",
+        f"run.dir={tmp_path}",
+    ]
+    run_dir = train(load_config(resolve_recipe("default"), overrides))  # the shipped tiny Qwen2
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert bool(built) == fast  # false: every rollout through transformers' forward
 
 
 def test_fast_and_generic_decoding_sample_the_same_tokens(tiny_model, tokenizer):
