@@ -74,6 +74,9 @@ class Workload:
     engine: str = "transformers"
     """Rollout engine: transformers (both trainers sample with the policy module) or vllm (colocated)."""
     vllm_memory: float = 0.3
+    max_staleness: int = 0
+    """aha's rollout.max_staleness: 1 samples the next batch in a process of its own during the update (one
+    more thread: the engine's)."""
     threads: int = 1
     """torch threads in each trainer process; 0 = torch's default (one per core). One by default on CPU: on
     the shared 2-core build machine two threads made a decode step 5x slower than one (they wait on each
@@ -227,6 +230,8 @@ def aha_worker(
     ]  # fmt: skip
     if w.threads:
         overrides.append(f"train.threads={w.threads}")
+    if w.max_staleness:
+        overrides.append(f"rollout.max_staleness={w.max_staleness}")
     if w.engine == "vllm":
         overrides += [f"rollout.vllm.gpu_memory_utilization={w.vllm_memory}", "rollout.vllm.sleep_level=0"]
     start = time.perf_counter()
@@ -469,6 +474,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--hbm-tbs", type=float, default=3.35, help="GPU memory bandwidth, TB/s (H100 SXM: 3.35)")
     p.add_argument("--workdir", help="keep models, logs and run dirs here (default: a temporary directory)")
+    p.add_argument(
+        "--async", dest="with_async", action="store_true", help="also aha with rollout.max_staleness=1"
+    )
     p.add_argument("--worker", choices=["aha", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -503,13 +511,17 @@ def main() -> None:
 
     load_at_start = os.getloadavg()
     runs: dict[str, list[dict]] = {"aha": [], "trl": []}
+    variants = [("aha", "aha", args.aha_python, w), ("trl", "trl", args.trl_python, w)]
+    if args.with_async:  # aha with rollout.max_staleness=1, a third process per round
+        runs["aha_async"] = []
+        variants.append(("aha_async", "aha", args.aha_python, dataclasses.replace(w, max_staleness=1)))
     for r in range(rounds):
-        for framework, python in (("aha", args.aha_python), ("trl", args.trl_python)):
+        for framework, worker, python, workload in variants:
             spec = {
-                "workload": dataclasses.asdict(w), "model": str(model_dir), "data": str(data),
+                "workload": dataclasses.asdict(workload), "model": str(model_dir), "data": str(data),
                 "steps": args.warmup + steps, "out_dir": str(workdir / f"{framework}-{r}"),
             }  # fmt: skip
-            result = run_worker(framework, python, spec, workdir, args.device)
+            result = run_worker(worker, python, spec, workdir, args.device)
             runs[framework].append(result)
             med = statistics.median(s["interval_s"] for s in result["steps"] if s["step"] > args.warmup)
             print(f"round {r + 1}/{rounds} {framework:3}: {med:.3f} s/step "
@@ -517,6 +529,9 @@ def main() -> None:
 
     figs = {k: summarise(v, args.warmup, w) for k, v in runs.items()}
     print_table(figs)
+    if "aha_async" in figs:
+        a, s, t = (figs[k]["s_per_step"] for k in ("aha_async", "aha", "trl"))
+        print(f"aha async (max_staleness=1): {a:.3f} s/step, {s / a:.2f}x aha on-policy, {t / a:.2f}x TRL")
     profile: dict[str, dict[str, float]] = {}
     ops: dict[str, dict[str, float]] = {}
     # Profiled processes are extra ones: cProfile slows Python-heavy code, so they stay out of the figures.
@@ -566,7 +581,10 @@ def main() -> None:
         peak, bandwidth = limits["matmul_gflops"] * 1e9, limits["read_gbs"] * 1e9
         print(f"\nthis CPU, {limits['threads']} thread(s): {limits['matmul_gflops']:.0f} GFLOP/s float32 matrix "
               f"product, {limits['read_gbs']:.1f} GB/s memory read")  # fmt: skip
-    report["efficiency"] = eff = {k: efficiency(figs[k], w, size, peak, bandwidth) for k in figs}
+    # aha_async's rollout seconds are its waits for a batch sampled ahead: no decode figure to derive from them
+    report["efficiency"] = eff = {
+        k: efficiency(figs[k], w, size, peak, bandwidth) for k in figs if k != "aha_async"
+    }
     for k, e in eff.items():
         print(f"{k:3}: update MFU {e['mfu']:.0%}; decode step {e['decode_step_s'] * 1e3:.2f} ms against a "
               f"floor of {e['decode_step_bound_s'] * 1e3:.2f} ms ({e['decode_fraction']:.0%})")  # fmt: skip
