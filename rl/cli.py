@@ -16,6 +16,9 @@ import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TEMPLATES = ("plain", "r1_zero", "boxed", "chat", "chat_boxed")
+ENGINE_NAMES = ("transformers", "vllm")
+"""The engines `aha eval --engine` offers: those rollouts.ENGINES registers (kept here so the CLI starts without
+importing torch; a test keeps them equal)."""
 """The prompt templates `aha eval --template` offers: every one `data.template` takes (a test keeps them equal)."""
 
 
@@ -157,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt template (default auto: the run's, plain for builtin:arithmetic, chat if the tokenizer "
         "has one, else boxed)",
     )
-    p.add_argument(
-        "--engine", choices=["transformers", "vllm"], help="rollout engine (default: transformers)"
-    )
+    p.add_argument("--engine", choices=list(ENGINES), help="rollout engine (default: transformers)")
     p.add_argument(
         "--reward", help="accuracy reward (default auto: countdown, code or math by the data's columns)"
     )

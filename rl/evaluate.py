@@ -207,11 +207,11 @@ def pick_reward(requested: str, columns: list[str]) -> str:
 
 
 def _load(model_path: Path | str, engine: str, dtype: str, device: Any) -> tuple[Any, Any]:
-    """(tokenizer, policy): the transformers engine samples from the policy; vLLM loads its own copy, so
-    only the config is read (the engine uses it for the context length)."""
+    """(tokenizer, policy): an engine that samples from the policy module gets it; one that loads its own
+    copy (vLLM) only its config (for the context length)."""
     from rl.models import load_policy
 
-    if engine != "vllm":
+    if engine_class(engine).shares_policy:
         return load_policy(model_path, dtype, device)
     from types import SimpleNamespace
 

@@ -73,3 +73,10 @@ def test_aha_eval_offers_every_template_the_config_offers():
     from rl.config import DataConfig
 
     assert set(TEMPLATES) == set(typing.get_args(typing.get_type_hints(DataConfig)["template"]))
+
+
+def test_aha_eval_offers_every_registered_engine():
+    from rl.cli import ENGINE_NAMES
+    from rollouts import ENGINES
+
+    assert set(ENGINE_NAMES) == set(ENGINES)
