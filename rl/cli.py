@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt template (default auto: the run's, plain for builtin:arithmetic, chat if the tokenizer "
         "has one, else boxed)",
     )
-    p.add_argument("--engine", choices=list(ENGINES), help="rollout engine (default: transformers)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, help="rollout engine (default: transformers)")
     p.add_argument(
         "--reward", help="accuracy reward (default auto: countdown, code or math by the data's columns)"
     )
