@@ -221,7 +221,7 @@ def update_samples(batch: StepBatch, prompts: PromptSet, advantages: torch.Tenso
     """The batch's completions as the update's samples: prompt and completion ids, the engine's log-probs,
     the advantage, and whether it is trainable."""
     return [
-        Sample(g, prompts.ids[group.row], c.token_ids, c.logprobs, float(a), bool(t))
+        Sample(g, prompts.ids[group.row], c.token_ids, c.logprobs, float(a), bool(t), c.tool_mask)
         for g, group in enumerate(batch.groups)
         for c, a, t in zip(group.completions, advantages[g].tolist(), group.trainable.tolist(), strict=True)
     ]

@@ -328,6 +328,38 @@ class RunConfig:
 
 
 @dataclass
+class ToolSpec:
+    name: str
+    """`calculator`, `python` (the code sandbox), a registered name, or `module:function` (rollouts/tools.py)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options passed to the tool on every call, e.g. {timeout_s: 5} for python."""
+
+
+@dataclass
+class ToolsConfig:
+    use: list[ToolSpec] = field(default_factory=list)
+    """The tool a completion may call (one per run for now): [{name: python}]. Empty: no tool calls, the
+    rollouts of today. With one, rollouts are multi-turn (rollouts/multiturn.py; docs/tools.md)."""
+    max_calls: int = 4
+    """Most tool calls a completion may make; later calls get an error observation."""
+    call_start: str = "```python\n"
+    """Text that opens a call; what follows, up to call_end, is the call."""
+    call_end: str = "\n```"
+    """Text that closes a call: sampling stops there, the tool runs, its output is appended."""
+    output_start: str = "\n```output\n"
+    """Text put before the tool's output (not sampled: out of the loss)."""
+    output_end: str = "\n```\n"
+    """Text put after the tool's output."""
+    timeout_s: float = 30.0
+    """A call still running after this many seconds gives an error observation (the run does not wait)."""
+    max_output_chars: int = 2000
+    """Longer observations are cut here."""
+    max_output_tokens: int = 1024
+    """Context an engine reserves per call for its observation (vLLM's max_model_len grows by max_calls x
+    this); observations count toward the context, not toward rollout.max_new_tokens."""
+
+
+@dataclass
 class Config:
     description: str = ""
     """One line shown by `aha recipes`."""
@@ -340,6 +372,8 @@ class Config:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math")])
     """Reward functions with weights: [{name: math, weight: 1.0}, {name: format, weight: 0.1}]."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    """Tool calls in the middle of completions (multi-turn rollouts); off unless `tools.use` names a tool."""
     track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -537,6 +571,22 @@ def validate(config: Config) -> None:
     _validate_loss_menu(config)
     if rollout.max_staleness < 0 or rollout.engine_threads < 1:
         raise ConfigError("rollout.max_staleness must be >= 0 and rollout.engine_threads >= 1")
+    tools = config.tools
+    if len(tools.use) > 1:
+        raise ConfigError("tools.use names one tool per run for now (each would need markers of its own)")
+    if tools.use and rollout.max_staleness:
+        raise ConfigError(
+            "tool calls with asynchronous rollouts (rollout.max_staleness >= 1) are not supported yet"
+        )
+    if (
+        tools.max_calls < 0
+        or tools.timeout_s <= 0
+        or tools.max_output_chars < 1
+        or tools.max_output_tokens < 1
+    ):
+        raise ConfigError("tools.max_calls must be >= 0, tools.timeout_s > 0, tools.max_output_* >= 1")
+    if tools.use and not all((tools.call_start, tools.call_end, tools.output_start, tools.output_end)):
+        raise ConfigError("tools.call_start, call_end, output_start and output_end must not be empty")
     if algo.kl_coef < 0:
         raise ConfigError("algorithm.kl_coef must be >= 0")
     if config.optim.lr <= 0:

@@ -369,8 +369,10 @@ def evaluate_held_out(
     eval_set: Any,
     params: SamplingParams,
     generation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    tools: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
-    """The in-run evaluation: eval/* metrics (mean accuracy = pass@1 over eval.samples each) and records."""
+    """The in-run evaluation: eval/* metrics (mean accuracy = pass@1 over eval.samples each; with `tools`,
+    the share of completions that call one) and records."""
     from rl.data import sample_and_score
 
     sampled = sample_and_score(
@@ -383,6 +385,8 @@ def evaluate_held_out(
     if scores.correct is not None:
         judged = [c for c in scores.correct if c is not None]
         out["eval/accuracy"] = sum(judged) / len(judged) if judged else float("nan")
+    if tools:
+        out["eval/tool_call_frac"] = sum(c.tool_calls > 0 for c in completions) / len(completions)
     records = [
         {
             "prompt": eval_set.texts[i // params.n],

@@ -203,3 +203,27 @@ class UpdateAccumulator:
         for name, (low, high) in self.ranges.items():
             out[f"{name}_min"], out[f"{name}_max"] = low, high
         return out
+
+
+def tool_metrics(completions: list[Any], correct: list[bool | None] | None) -> dict[str, float]:
+    """tools/*: calls per completion, the share of completions that call, failed calls, observation tokens, and
+    accuracy with and without a call (rollouts/multiturn.py).
+
+    Example: calls [1, 0, 2, 0], errors [0, 0, 1, 0], correct [T, F, T, T] -> calls_mean 0.75, call_frac 0.5,
+    error_frac 1/3, accuracy_with_call 1.0, accuracy_without_call 0.5.
+    """
+    calls = [c.tool_calls for c in completions]
+    inserted = [sum(c.tool_mask) if c.tool_mask else 0 for c in completions]
+    out = {
+        "tools/calls_mean": sum(calls) / len(calls),
+        "tools/call_frac": sum(n > 0 for n in calls) / len(calls),
+        "tools/error_frac": sum(c.tool_errors for c in completions) / sum(calls) if sum(calls) else 0.0,
+        "tools/output_tokens_mean": sum(inserted) / len(inserted),
+    }
+    if correct is not None:
+        for name, called in (("tools/accuracy_with_call", True), ("tools/accuracy_without_call", False)):
+            judged = [
+                ok for ok, n in zip(correct, calls, strict=True) if ok is not None and (n > 0) == called
+            ]
+            out[name] = sum(judged) / len(judged) if judged else float("nan")
+    return out

@@ -111,10 +111,10 @@ def start_run(config: Config) -> Run:
             train_set, eval_set = _load_data(config, tokenizer)
         with dist.together("starting the rollout engine"):
             engine = _build_engine(config, policy, tokenizer, policy_path, dist)
-            if config.model.lora.r and resume_from:
-                engine.update_weights(
-                    policy
-                )  # the engine started from the base weights; give it the adapters
+            if config.model.lora.r and resume_from:  # it started from the base weights: give it the adapters
+                engine.update_weights(policy)
+            if config.tools.use:
+                engine = with_tools(engine, tokenizer, config, [train_set, eval_set])
         # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
         # optimizer is built on what this returns.
         trainer = dist.wrap(CompletionLogprobs(policy))
@@ -227,7 +227,7 @@ def _build_engine(
     """The rollout engine; with rollout.max_staleness >= 1, the same engine in its own process."""
     options = dict(
         dtype=config.model.compute_dtype or config.model.dtype,  # vLLM computes in the mixed-precision dtype
-        context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+        context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens + _tool_context(config),
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
@@ -244,6 +244,34 @@ def _build_engine(
         config.rollout.engine, policy, str(policy_path), merged_weights(policy), config.rollout.engine_threads,
         config.model.compute_dtype, options,
     )  # fmt: skip
+
+
+def _tool_context(config: Config) -> int:
+    """Context the observations of tool calls may take (they do not count toward max_new_tokens)."""
+    return config.tools.max_calls * config.tools.max_output_tokens if config.tools.use else 0
+
+
+def with_tools(
+    engine: RolloutEngine, tokenizer: Any, config: Config, prompt_sets: list[PromptSet | None]
+) -> RolloutEngine:
+    """The engine with multi-turn tool calls (rollouts/multiturn.py); the prompts' rows reach the tool."""
+    from rollouts.multiturn import Markers, ToolRollout
+    from rollouts.tools import Toolbox, resolve_tool
+
+    tools = config.tools
+    (spec,) = tools.use
+    toolbox = Toolbox({spec.name: resolve_tool(spec.name)}, {spec.name: dict(spec.kwargs)}, tools.timeout_s,
+                      tools.max_output_chars)  # fmt: skip
+    rows = {
+        tuple(ids): {k: row.get(k) for k in prompts.columns}
+        for prompts in prompt_sets
+        if prompts is not None
+        for ids, row in zip(prompts.ids, prompts.rows, strict=True)
+    }
+    markers = Markers(tools.call_start, tools.call_end, tools.output_start, tools.output_end)
+    return ToolRollout(
+        engine, tokenizer, toolbox, markers, tools.max_calls, lambda ids: rows.get(tuple(ids), {})
+    )
 
 
 def _optimizer(

@@ -126,6 +126,8 @@ def step_row(
         M.rollout_metrics(first.completions, first.scores.correct, batch.rollout_s, track.reflection_words)
     )
     row.update(batch.metrics(step - 1 if run.config.rollout.max_staleness else None))
+    if run.config.tools.use:
+        row.update(M.tool_metrics(first.completions, first.scores.correct))
     row.update(update)
     row.update(
         M.timing_metrics(
@@ -188,7 +190,9 @@ def evaluate(run: Run, evaluations: dict, when: str, row: dict, log: bool = Fals
     with run.generation_weights():
         if run.dist.is_main:
             params = held_out_params(run.config)
-            metrics, evaluations[when] = evaluate_held_out(run.engine, run.scorer, run.eval_set, params)
+            metrics, evaluations[when] = evaluate_held_out(
+                run.engine, run.scorer, run.eval_set, params, tools=bool(run.config.tools.use)
+            )
             row.update(metrics)
     if log and run.dist.is_main:
         run.loggers.log(row)

@@ -49,6 +49,12 @@ class Sample:
     rollout_logprobs: list[float]  # the engine's log-probs of completion_ids
     advantage: float
     trainable: bool  # False when no reward scored it (or overlong filtering dropped it): out of the loss
+    tool_mask: list[bool] | None = None  # True where a tool inserted the token: out of the loss, KL, entropy
+
+    @property
+    def model_tokens(self) -> int:
+        """The completion tokens the model sampled (those the loss counts)."""
+        return len(self.completion_ids) - (sum(self.tool_mask) if self.tool_mask else 0)
 
 
 @dataclass
@@ -187,7 +193,7 @@ def update_policy(
             norm = {
                 "max_len": config.rollout.max_new_tokens,
                 "num_seqs": int(dist.sum(len(mini))),
-                "num_tokens": int(dist.sum(sum(len(s.completion_ids) for s in mini))),
+                "num_tokens": int(dist.sum(sum(s.model_tokens for s in mini))),
             }
             if norm["num_seqs"] == 0:
                 continue
@@ -245,7 +251,7 @@ def _backward(
             old_logprobs=old_logprobs,
             rollout_logprobs=rollout_logprobs,
             advantages=torch.tensor([s.advantage for s in chunk], device=device),  # [b]
-            mask=batch.completion_mask.to(device),
+            mask=_model_token_mask(chunk, batch.completion_mask).to(device),
             entropy=entropy,
             old_is_rollout=config.rollout.max_staleness > 0,
         )
@@ -337,6 +343,17 @@ def reference_logprobs(
 
 def _pack(samples: list[Sample], pad_id: int) -> PackedBatch:
     return pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_id)
+
+
+def _model_token_mask(chunk: list[Sample], completion_mask: torch.Tensor) -> torch.Tensor:
+    """[b, T] 1 for the completion tokens the model sampled: padding and tool-inserted tokens are 0."""
+    if not any(s.tool_mask for s in chunk):
+        return completion_mask
+    inserted = torch.zeros_like(completion_mask)
+    for i, s in enumerate(chunk):
+        if s.tool_mask:
+            inserted[i, : len(s.tool_mask)] = torch.tensor(s.tool_mask, dtype=inserted.dtype)
+    return completion_mask * (1 - inserted)
 
 
 def _stack(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,11 @@ class Completion:
     """`stop`: ended by EOS or a stop string; `length`: hit max_new_tokens (truncated)."""
     text: str
     """Decoded completion, special tokens removed."""
+    tool_mask: list[bool] | None = None
+    """With tool calls (rollouts/multiturn.py): True for each token a tool inserted (not sampled: its log-prob
+    is 0.0 and the loss leaves it out); None when every token was sampled."""
+    tool_calls: int = 0
+    tool_errors: int = 0
 
 
 class RolloutEngine(Protocol):

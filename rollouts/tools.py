@@ -1,0 +1,176 @@
+"""Tools a model calls in the middle of a completion: the contract, the registry, the built-ins, and running calls.
+
+A tool is a function `fn(call: str, **columns) -> str`: `call` is the text between the call markers, `columns`
+the dataset row's fields (as for rewards), and the string returned is the observation the model reads next.
+Built-ins, by name: `calculator` (arithmetic without eval) and `python` (the program runs in the code reward's
+bubblewrap sandbox; its stdout and stderr are the observation). A user's tool is named `module:function`, as a
+reward is; `@register_tool("name")` registers one under a name.
+
+Running calls (`run_calls`): every call of a batch in its own thread, at once, each with a deadline. A tool that
+raises, returns something other than a string, or is still running at its deadline gives an error observation
+(`error: ...`), counted; the run goes on. A thread cannot be killed, so a tool that hangs keeps its daemon
+thread until the process ends: the rollout does not wait for it. Observations are cut to `max_chars`.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ToolFn = Callable[..., Any]
+_TOOLS: dict[str, ToolFn] = {}
+
+
+class ToolError(Exception):
+    """A tool that cannot be set up (unknown name, missing sandbox); the message says why."""
+
+
+def register_tool(name: str) -> Callable[[ToolFn], ToolFn]:
+    """Register a tool under `name` (a name registered twice is an error)."""
+
+    def decorate(fn: ToolFn) -> ToolFn:
+        if name in _TOOLS:
+            raise ToolError(f"tool name {name!r} is already registered")
+        _TOOLS[name] = fn
+        return fn
+
+    return decorate
+
+
+def resolve_tool(name: str) -> ToolFn:
+    """A built-in or registered tool by name, or a user's `module:function` (imported as reward paths are)."""
+    if name in _TOOLS:
+        return _TOOLS[name]
+    if ":" not in name:
+        raise ToolError(
+            f"unknown tool {name!r}; built-in tools: {', '.join(sorted(_TOOLS))}, or 'module:function'"
+        )
+    from rewards.registry import RewardError, import_reward_module
+
+    module_name, _, attr = name.partition(":")
+    try:
+        obj: Any = import_reward_module(name, module_name)
+    except RewardError as err:
+        raise ToolError(str(err).replace("reward", "tool", 1)) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ToolError(f"tool {name!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ToolError(f"tool {name!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- built-ins
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+MAX_EXPONENT = 100
+MAX_DIGITS = 100
+
+
+def _evaluate(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise ValueError(f"exponent over {MAX_EXPONENT}")
+        value = _BINARY[type(node.op)](left, right)
+        if isinstance(value, int) and len(str(abs(value))) > MAX_DIGITS:
+            raise ValueError(f"result over {MAX_DIGITS} digits")
+        return value
+    raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
+
+
+@register_tool("calculator")
+def calculator(call: str, **columns: Any) -> str:
+    """Numbers, + - * / // % ** and parentheses; no names, no calls, no eval.
+
+    Example: `calculator("12345+6789+54321")` -> "73455"; `calculator("2**0.5")` -> "1.4142135623730951".
+    """
+    value = _evaluate(ast.parse(call.strip(), mode="eval"))
+    return (
+        str(int(value))
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e15
+        else str(value)
+    )
+
+
+@register_tool("python")
+def python(call: str, timeout_s: float = 10.0, memory_mb: int = 1024, **columns: Any) -> str:
+    """Run the code in the code reward's sandbox (rewards/sandbox.py: read-only host, private /tmp, no network,
+    no new processes, rlimits); the observation is its stdout, then its stderr."""
+    from rewards.sandbox import Limits, check_sandbox, run_python
+
+    check_sandbox()
+    result = run_python(
+        {"solution.py": call.encode()}, "stdio", b"", Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+    )
+    text = (result.stdout + result.stderr).decode(errors="replace")
+    if result.timed_out:
+        return f"{text}error: timed out after {timeout_s:g} s"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- running
+@dataclass
+class Observation:
+    text: str
+    error: bool = False
+
+
+@dataclass
+class Toolbox:
+    """The tools of a run, by name, with how long a call may take and how much of its output is kept."""
+
+    tools: dict[str, ToolFn] = field(default_factory=dict)
+    options: dict[str, dict] = field(default_factory=dict)
+    timeout_s: float = 30.0
+    max_chars: int = 2000
+
+    def run_calls(self, calls: list[tuple[str, dict]]) -> list[Observation]:
+        """Run each (call, columns) with the first tool (the one a run uses), all at once, each to its deadline."""
+        name, fn = next(iter(self.tools.items()))
+        results: list[Observation | None] = [None] * len(calls)
+        threads = []
+        for i, (call, columns) in enumerate(calls):
+            thread = threading.Thread(
+                target=self._call, args=(fn, name, call, columns, results, i), daemon=True
+            )
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(self.timeout_s)
+        return [
+            r
+            if r is not None
+            else Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
+            for r in results
+        ]
+
+    def _call(self, fn: ToolFn, name: str, call: str, columns: dict, out: list, i: int) -> None:
+        try:
+            value = fn(call, **self.options.get(name, {}), **columns)
+        except Exception as err:  # the model's call was bad, or the tool failed: the model reads why
+            out[i] = Observation(f"error: {type(err).__name__}: {str(err)[:200]}", True)
+            return
+        if not isinstance(value, str):
+            out[i] = Observation(f"error: the {name} tool returned {type(value).__name__}, not text", True)
+            return
+        out[i] = Observation(value if len(value) <= self.max_chars else value[: self.max_chars] + "...")

@@ -1,0 +1,221 @@
+"""Tool calls in rollouts: the calculator, running calls safely, multi-turn rollouts exact to the token, and the
+update leaving tool-inserted tokens out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollouts.base import Completion, SamplingParams
+from rollouts.multiturn import Markers, ToolRollout
+from rollouts.tools import Toolbox, ToolError, calculator, resolve_tool
+
+
+# ------------------------------------------------------------------------------------------- calculator
+@pytest.mark.parametrize(
+    "call, value",
+    [("12345+6789+54321", "73455"), (" (2+3)*4 ", "20"), ("7/2", "3.5"), ("2**10", "1024"), ("-3+1", "-2")],
+)
+def test_calculator_does_arithmetic(call, value):
+    assert calculator(call) == value
+
+
+@pytest.mark.parametrize(
+    "call", ["__import__('os').system('true')", "x + 1", "print(1)", "2**1000000", "[1]*9"]
+)
+def test_calculator_refuses_everything_but_arithmetic(call):
+    with pytest.raises((ValueError, SyntaxError)):
+        calculator(call)
+
+
+def test_unknown_tools_are_clear_errors():
+    with pytest.raises(ToolError, match="unknown tool 'calc'; built-in tools: calculator, python"):
+        resolve_tool("calc")
+    assert resolve_tool("tests.test_tools:echo") is echo
+
+
+def echo(call: str, **columns) -> str:
+    """A user tool (`tests.test_tools:echo`): the call and the row's answer column."""
+    return f"{call}|{columns.get('answer')}"
+
+
+# ------------------------------------------------------------------------------------------ running calls
+def _raises(call: str, **columns) -> str:
+    raise RuntimeError("boom")
+
+
+def _not_text(call: str, **columns) -> int:
+    return 42
+
+
+def _hangs(call: str, **columns) -> str:
+    time.sleep(30)
+    return "late"
+
+
+@pytest.mark.parametrize(
+    "fn, expected",
+    [
+        (_raises, "error: RuntimeError: boom"),
+        (_not_text, "error: the t tool returned int, not text"),
+        (_hangs, "error: the t tool took over 0.5 s"),
+    ],
+)
+def test_a_failing_tool_is_an_error_observation_and_never_stops_the_run(fn, expected):
+    toolbox = Toolbox({"t": fn}, timeout_s=0.5)
+    (observation,) = toolbox.run_calls([("x", {})])
+    assert observation.text == expected and observation.error
+
+
+def test_long_observations_are_cut_and_columns_reach_the_tool():
+    toolbox = Toolbox({"echo": echo}, max_chars=8)
+    (observation,) = toolbox.run_calls([("abcdef", {"answer": "42"})])
+    assert observation.text == "abcdef|4..." and not observation.error
+
+
+HOSTILE = {
+    "fork bomb": "import os\nwhile True: os.fork()",
+    "memory bomb": "x = bytearray(1 << 40)",
+    "infinite loop": "while True: pass",
+    "write outside": "open('/etc/aha-escape', 'w').write('x')",
+    "network": "import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)",
+    "huge output": "print('x' * (1 << 25))",
+    "signals": "import os, signal; os.kill(os.getppid(), signal.SIGKILL)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_programs_through_the_python_tool_are_contained(name):
+    pytest.importorskip("rewards.sandbox")
+    from rewards.sandbox import bwrap_path
+
+    if bwrap_path() is None:
+        pytest.skip("bubblewrap is not installed (CI installs it)")
+    toolbox = Toolbox({"python": resolve_tool("python")}, {"python": {"timeout_s": 3}}, timeout_s=30)
+    (observation,) = toolbox.run_calls([(HOSTILE[name], {})])
+    assert isinstance(observation.text, str)  # the call came back as an observation; this process lives on
+    assert not Path("/etc/aha-escape").exists()
+    if name in ("infinite loop", "fork bomb"):
+        assert "error" in observation.text or "Error" in observation.text
+
+
+# ------------------------------------------------------------------------------------- multi-turn rollouts
+class Scripted:
+    """An engine that replays token segments and records every prompt it was given, exactly."""
+
+    shares_policy, batch_size, standalone, summary = True, None, {}, ""
+
+    def __init__(self, segments: list[list[int]]) -> None:
+        self.segments, self.prompts = list(segments), []
+
+    def generate(self, prompts, params):
+        out = []
+        for p in prompts:
+            self.prompts.append(list(p))
+            ids = self.segments.pop(0)[: params.max_new_tokens]
+            finish = "stop" if ids and ids[-1] in (CALL_END, EOS) else "length"
+            out.append([Completion(ids, [-0.5] * len(ids), finish, "")])
+        return out
+
+
+class CharTokenizer:
+    """Token i is chr(i + 32) except the markers; encoding the observation is what the rollout does."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        names = {CALL_START: "<c>", CALL_END: "</c>", OUT_START: "<o>", OUT_END: "</o>", EOS: ""}
+        return "".join(names.get(i, chr(i + 32)) for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        text = text.replace("<o>", "\x01").replace("</o>", "\x02")
+        return {"input_ids": [{"\x01": OUT_START, "\x02": OUT_END}.get(ch, ord(ch) - 32) for ch in text]}
+
+
+CALL_START, CALL_END, OUT_START, OUT_END, EOS = 200, 201, 202, 203, 204
+MARKERS = Markers("<c>", "</c>", "<o>", "</o>")
+
+
+def _digits(text: str) -> list[int]:
+    return [ord(ch) - 32 for ch in text]
+
+
+def _rollout(segments, max_calls=2, tool=calculator):
+    engine = Scripted(segments)
+    rollout = ToolRollout(engine, CharTokenizer(), Toolbox({"t": tool}), MARKERS, max_calls, lambda ids: {})
+    return rollout, engine
+
+
+def test_the_trained_sequence_is_the_sampled_ids_plus_the_tool_output_ids_exactly():
+    first = [CALL_START, *_digits("2+3"), CALL_END]
+    second = [*_digits("5"), EOS]
+    rollout, engine = _rollout([first, second])
+    (completion,) = rollout.generate([[7, 8]], SamplingParams(n=1, max_new_tokens=20))[0]
+    inserted = [OUT_START, *_digits("5"), OUT_END]
+    assert completion.token_ids == first + inserted + second  # never decoded and re-encoded
+    assert completion.tool_mask == [False] * len(first) + [True] * len(inserted) + [False] * len(second)
+    assert completion.logprobs == [-0.5] * len(first) + [0.0] * len(inserted) + [-0.5] * len(second)
+    assert engine.prompts == [[7, 8], [7, 8, *first, *inserted]]  # the continuation's exact token prefix
+    assert completion.tool_calls == 1 and completion.tool_errors == 0 and completion.finish_reason == "stop"
+
+
+def test_observations_count_toward_the_context_and_not_the_budget():
+    first = [CALL_START, *_digits("1+1"), CALL_END]  # 5 model tokens
+    rollout, _ = _rollout([first, _digits("123456789")])
+    (completion,) = rollout.generate([[7]], SamplingParams(n=1, max_new_tokens=8))[0]
+    model = [t for t, tool in zip(completion.token_ids, completion.tool_mask, strict=True) if not tool]
+    assert len(model) == 8 and completion.finish_reason == "length"  # 5 + 3 of the 9 offered
+
+
+def test_calls_past_max_calls_get_an_error_observation_and_the_sequence_goes_on():
+    call = [CALL_START, *_digits("1"), CALL_END]
+    rollout, _ = _rollout([call, call, [*_digits("x"), EOS]], max_calls=1)
+    (completion,) = rollout.generate([[7]], SamplingParams(n=1, max_new_tokens=30))[0]
+    text = CharTokenizer().decode(completion.token_ids)
+    assert text.startswith("<c>1</c><o>1</o><c>1</c><o>error: no more tool calls (at most 1)</o>x")
+    assert completion.tool_calls == 2 and completion.tool_errors == 1
+
+
+def test_an_unclosed_call_is_text_and_a_stop_that_closes_nothing_continues():
+    rollout, _ = _rollout([[CALL_START, *_digits("2+2"), EOS]])
+    (unclosed,) = rollout.generate([[7]], SamplingParams(n=1, max_new_tokens=30))[0]
+    assert unclosed.tool_calls == 0 and unclosed.tool_mask is None
+    rollout, engine = _rollout([[*_digits("a"), CALL_END], [*_digits("b"), EOS]])
+    (false_stop,) = rollout.generate([[7]], SamplingParams(n=1, max_new_tokens=30))[0]
+    assert false_stop.tool_calls == 0 and false_stop.token_ids == [
+        *_digits("a"),
+        CALL_END,
+        *_digits("b"),
+        EOS,
+    ]
+    assert len(engine.prompts) == 2  # it continued, with nothing inserted
+
+
+def test_an_empty_call_is_run_and_its_error_is_the_observation():
+    rollout, _ = _rollout([[CALL_START, CALL_END], [EOS]])
+    (completion,) = rollout.generate([[7]], SamplingParams(n=1, max_new_tokens=30))[0]
+    assert completion.tool_calls == 1 and completion.tool_errors == 1
+    assert "<o>error: SyntaxError" in CharTokenizer().decode(completion.token_ids)
+
+
+# ----------------------------------------------------------------------------------------------- update
+def test_tool_tokens_are_left_out_of_the_loss_and_its_normaliser():
+    from rl.update import Sample, _model_token_mask
+
+    sample = Sample(0, [1], [5, 6, 7, 8], [0.0] * 4, 1.0, True, [False, True, True, False])
+    assert sample.model_tokens == 2
+    mask = _model_token_mask([sample], torch.ones(1, 5))
+    assert mask.tolist() == [
+        [1.0, 0.0, 0.0, 1.0, 1.0]
+    ]  # column 4 is padding's in a real batch: untouched here
+
+
+def test_one_tool_per_run_and_no_tools_with_asynchronous_rollouts():
+    from rl.config import load_config
+    from rl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one tool per run"):
+        load_config(None, ["tools.use=[{name: calculator}, {name: python}]"])
+    with pytest.raises(ConfigError, match="not supported yet"):
+        load_config(None, ["tools.use=[{name: calculator}]", "rollout.max_staleness=1"])
