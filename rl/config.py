@@ -40,7 +40,8 @@ class LoRAConfig:
 @dataclass
 class ModelConfig:
     path: str = "aha-tiny"
-    """HF model directory or hub id, or `aha-tiny` (the small arithmetic base model shipped with aha)."""
+    """HF model directory or hub id, or a small base model shipped with aha: `aha-tiny` (arithmetic) or
+    `aha-tiny-tools` (arithmetic with a calculator tool)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for the policy (and the reference model when KL is on), and so the optimizer's. Full
     fine-tuning in bfloat16 loses most small updates: at lr 1e-6 one AdamW step changes about 2% of bf16

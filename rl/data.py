@@ -51,7 +51,8 @@ def load_rows(
 ) -> list[dict]:
     """Rows of a dataset as plain dicts (see rl/datasets.py and docs/datasets.md).
 
-    source: `builtin:arithmetic` (the tiny model's synthetic task; split train|test never overlap),
+    source: `builtin:arithmetic` or `builtin:tool_arithmetic` (the tiny models' synthetic tasks; train and
+            test never overlap),
             a preset (`gsm8k`, `math`, `math_l3to5`, `math500`, `aime24`, `amc23`, `mbpp`), a reasoning-gym
             task (`gym:countdown`, `gym:gsm_symbolic?difficulty=2`, ...), a hub dataset id (`owner/name`,
             `owner/name:config`) or a local .jsonl/.json/.parquet file.
@@ -62,13 +63,11 @@ def load_rows(
     """
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
-        if name != "arithmetic":
-            raise DataError(f"unknown built-in dataset {name!r}; the built-in one is builtin:arithmetic")
-        from rl.tiny.arithmetic import make_problems
-
+        if name not in BUILTIN:
+            raise DataError(f"unknown built-in dataset {name!r}; the built-in ones: {', '.join(BUILTIN)}")
         if split not in ("train", "test"):
-            raise DataError(f"builtin:arithmetic has splits train and test, not {split!r}")
-        return make_problems(split, limit or 20_000, seed=seed)
+            raise DataError(f"{source} has splits train and test, not {split!r}")
+        return BUILTIN[name]()(split, limit or 20_000, seed=seed)
 
     if source.startswith("gym:") or source in PRESETS:
         if (answer_key, answer_format) != ("answer", "raw"):
@@ -85,6 +84,23 @@ def load_rows(
     if not rows:
         raise DataError(f"dataset {source!r} has no rows (split {split!r})")
     return rows
+
+
+def _arithmetic() -> Callable:
+    from rl.tiny.arithmetic import make_problems
+
+    return make_problems
+
+
+def _tool_arithmetic() -> Callable:
+    from rl.tiny.tools_task import make_problems
+
+    return make_problems
+
+
+BUILTIN: dict[str, Callable[[], Callable]] = {"arithmetic": _arithmetic, "tool_arithmetic": _tool_arithmetic}
+"""The tiny models' synthetic tasks (rl/tiny/): sums of six two-digit numbers, and sums of three 4-5 digit
+numbers that a calculator call gets right (the tool-use demo); train and test never overlap."""
 
 
 def check_column(rows: list[dict], key: str, source: str) -> None:

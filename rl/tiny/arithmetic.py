@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Split = Literal["train", "test"]
 
@@ -107,13 +108,19 @@ def make_problems(split: Split, n: int, seed: int = 0) -> list[dict[str, str]]:
 
     Any seed's train problems are disjoint from any seed's test problems (the split is a hash of the problem).
     """
+    return distinct_rows(random_problem, split, n, random.Random(f"{split}-{seed}"))
+
+
+def distinct_rows(
+    draw: Callable[[random.Random, Split], Any], split: Split, n: int, rng: random.Random
+) -> list[dict]:
+    """n problems of distinct prompts drawn by `draw(rng, split)`, as rows {"prompt": ..., "answer": ...}."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(f"{split}-{seed}")
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     while len(rows) < n:
-        problem = random_problem(rng, split)
+        problem = draw(rng, split)
         if problem.prompt not in seen:
             seen.add(problem.prompt)
             rows.append({"prompt": problem.prompt, "answer": str(problem.answer)})

@@ -1,13 +1,18 @@
-"""Pretrain aha's tiny base model on synthetic arithmetic, and measure how it behaves.
+"""Pretrain aha's tiny base models on synthetic arithmetic, and measure how they behave.
 
     python -m rl.tiny.pretrain --threads 1 --p-direct 0.7 --stop-at 1500   # the shipped rl/tiny/model
+    python -m rl.tiny.pretrain --task tools --threads 1 --steps 1500   # the shipped rl/tiny/tools_model
     python -m rl.tiny.pretrain --eval rl/tiny/model   # only measures a model on held-out problems
 
-The text is generated on the fly from the train split of `rl.tiny.arithmetic`: each problem's prompt is
-followed by the direct answer with probability `p_direct`, otherwise by the step-by-step derivation, then EOS.
-The loss is next-token cross-entropy on the completion only (the prompt's random terms carry nothing to learn).
-The result mostly guesses (short, usually wrong) and sometimes reasons (long, nearly always right): the start
-from which RL with a correctness reward can make reasoning win, R1-Zero in miniature (docs/tiny-model.md).
+Two tasks (docs/tiny-model.md). `arithmetic` (aha-tiny, `rl.tiny.arithmetic`): each problem's prompt is followed
+by the direct answer with probability `p_direct`, otherwise by the step-by-step derivation. `tools`
+(`rl.tiny.tools_task`): with probability `p_tool` a calculator call, its output and the answer copied from it;
+with `p_worked` the sum restated, then the answer; else the direct answer. The text is generated on the fly
+from the task's train split, each completion ending in EOS. The loss is next-token cross-entropy on the
+completion only (the prompt's random terms carry nothing to learn), less the calculator's `<out>...</out>` spans (the model reads them, it never writes them).
+aha-tiny mostly guesses (short, usually wrong) and sometimes reasons (long, nearly always right); the tools model
+mostly guesses and sometimes calls the calculator (nearly always right): the starts from which RL with a
+correctness reward can make reasoning, or tool use, win.
 
 Deterministic given the seed and the thread count (float sums are ordered differently with other counts).
 """
@@ -18,7 +23,9 @@ import argparse
 import json
 import math
 import random
+import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,31 +34,51 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
-from rl.tiny.arithmetic import format_direct, format_reasoning, make_problems, random_problem
+from rl.models import load_tokenizer
+from rl.tiny import arithmetic, tools_task
+from rl.tiny.tools_eval import evaluate_tools
 
 DEFAULT_OUT = Path(__file__).parent / "model"
+TOOLS_OUT = Path(__file__).parent / "tools_model"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+"""aha-tiny's tags; the tools model adds `rl.tiny.tools_task.TOOL_TAGS`."""
 CHARACTERS = list("0123456789+-*= ")
 MAX_POSITIONS = 256
 """Longest sequence (prompt + completion) the model is configured for; pretraining uses at most ~80."""
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer; the four tags are single tokens. Decoding gives back the exact text.
+def tag_pattern(tags: Sequence[str]) -> str:
+    """The pre-tokenizer's regex: each tag whole, else one character. Tags come in pairs <name> and </name>.
+
+    Example: tag_pattern(["<think>", "</think>", "<out>", "</out>"]) -> "</?(?:think|out)>|[\\s\\S]"
+    """
+    matches = [re.fullmatch(r"</?([a-z]+)>", tag) for tag in tags]
+    names = list(dict.fromkeys(match.group(1) for match in matches if match))
+    if None in matches or sorted(tags) != sorted(
+        f"{close}{name}>" for name in names for close in ("<", "</")
+    ):
+        raise ValueError(f"tags must be pairs <name> and </name>, each once: {list(tags)}")
+    return rf"</?(?:{'|'.join(names)})>|[\s\S]"
+
+
+def build_tokenizer(tags: Sequence[str] = tuple(TAG_TOKENS)) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer; each tag is a single token. Decoding gives back the exact text.
+
+    Ids: the special tokens, the tags in the given order, the characters. The default (aha-tiny's tags) is the
+    tokenizer shipped in rl/tiny/model; the tools model's adds <calc> </calc> <out> </out>.
 
     Example: "12+3=<answer>15</answer>" -> ["1", "2", "+", "3", "=", "<answer>", "1", "5", "</answer>"]
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + TAG_TOKENS + CHARACTERS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(tags) + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"</?(?:think|answer)>|[\s\S]"), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(tag_pattern(tags)), behavior="isolated")
     backend.decoder = decoders.Fuse()  # join tokens as they are: no spaces between characters
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -77,9 +104,18 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
 class PretrainArgs:
     """Pretraining settings; each field is also a command-line flag (--batch-size for batch_size)."""
 
+    task: str = field(
+        default="arithmetic",
+        metadata={
+            "help": "arithmetic (aha-tiny: direct answers or derivations) or tools (direct or calculator)."
+        },
+    )
     out: str = field(
-        default=str(DEFAULT_OUT),
-        metadata={"help": "Directory the model, tokenizer and generation config are written to."},
+        default="",
+        metadata={
+            "help": "Directory the model, tokenizer and generation config are written to; empty: the task's "
+            "shipped directory (rl/tiny/model, rl/tiny/tools_model)."
+        },
     )
     steps: int = field(default=1800, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=128, metadata={"help": "Problems (prompt + completion) per step."})
@@ -92,8 +128,17 @@ class PretrainArgs:
     p_direct: float = field(
         default=0.75,
         metadata={
-            "help": "Probability that a problem in the text is followed by the direct answer (else the derivation)."
+            "help": "arithmetic: probability that a problem in the text is followed by the direct answer (else "
+            "the derivation)."
         },
+    )
+    p_tool: float = field(
+        default=0.1,
+        metadata={"help": "tools: probability that a problem in the text is followed by a calculator call."},
+    )
+    p_worked: float = field(
+        default=0.4,
+        metadata={"help": "tools: probability that a problem is followed by the sum restated (else direct)."},
     )
     hidden: int = field(default=128, metadata={"help": "Hidden size (the MLP is 4x wider)."})
     layers: int = field(default=4, metadata={"help": "Transformer layers."})
@@ -126,20 +171,82 @@ def build_model(args: PretrainArgs, tokenizer: PreTrainedTokenizerFast) -> Qwen2
     return Qwen2ForCausalLM(config)
 
 
-def make_batch(
-    rng: random.Random, tokenizer: PreTrainedTokenizerFast, batch_size: int, p_direct: float
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One step's text, as a right-padded chunk per completion style, so short ones are not padded long.
+Example = tuple[str, str, str]
+"""One problem of the pretraining text: (prompt, completion without EOS, style)."""
 
-    Each chunk is (token ids [b, T], loss mask [b, T] that is 1 on completion tokens, EOS included).
+
+def draw_arithmetic(rng: random.Random, args: PretrainArgs) -> Example:
+    """Example: ("12+35+48+23+67+50=", "<answer>235</answer>", "direct")."""
+    problem = arithmetic.random_problem(rng, "train")
+    if rng.random() < args.p_direct:
+        return problem.prompt, arithmetic.format_direct(problem), "direct"
+    return problem.prompt, arithmetic.format_reasoning(problem), "reasoning"
+
+
+def draw_tools(rng: random.Random, args: PretrainArgs) -> Example:
+    """Example: ("1234+5678+90123=", "<calc>1234+5678+90123</calc><out>97035</out><answer>97035</answer>", "tool")."""
+    problem = tools_task.random_problem(rng, "train")
+    draw = rng.random()
+    if draw < args.p_tool:
+        return problem.prompt, tools_task.format_tool_call(problem), "tool"
+    if draw < args.p_tool + args.p_worked:
+        return problem.prompt, tools_task.format_worked(problem), "worked"
+    return problem.prompt, tools_task.format_direct(problem), "direct"
+
+
+@dataclass(frozen=True)
+class TinyTask:
+    """What pretraining needs of a task: its tokenizer's tags, where its model ships, how to draw its text."""
+
+    tags: tuple[str, ...]
+    out: Path
+    draw: Callable[[random.Random, PretrainArgs], Example]
+    styles: tuple[str, ...]
+    """Completion styles, in the order a step's chunks are run (the order gradients are summed in)."""
+
+
+TASKS = {
+    "arithmetic": TinyTask(tuple(TAG_TOKENS), DEFAULT_OUT, draw_arithmetic, ("direct", "reasoning")),
+    "tools": TinyTask(
+        (*TAG_TOKENS, *tools_task.TOOL_TAGS), TOOLS_OUT, draw_tools, ("direct", "worked", "tool")
+    ),
+}
+
+_TOOL_OUTPUT = re.compile(f"({re.escape(tools_task.OUT_OPEN)}.*?{re.escape(tools_task.OUT_CLOSE)})")
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion + EOS, and a loss mask: 1 on the completion's tokens and EOS, except
+    a calculator's output span `<out>...</out>` (inserted by the tool at RL time: read, never written).
+
+    Example: "1+2=", "<calc>1+2</calc><out>3</out><answer>3</answer>" -> mask
+    0 0 0 0 | 1 (<calc>) 1 1 1 1 (</calc>) | 0 (<out>) 0 0 (</out>) | 1 (<answer>) 1 1 (</answer>) 1 (EOS)
     """
-    by_style: dict[bool, list[tuple[list[int], int]]] = {True: [], False: []}
-    for _ in range(batch_size):
-        problem = random_problem(rng, "train")
-        direct = rng.random() < p_direct
-        prompt_ids = tokenizer.encode(problem.prompt)
-        completion_ids = tokenizer.encode(format_direct(problem) if direct else format_reasoning(problem))
-        by_style[direct].append((prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)))
+    ids = tokenizer.encode(prompt)
+    mask = [0] * len(ids)
+    for segment in _TOOL_OUTPUT.split(completion):
+        segment_ids = tokenizer.encode(segment)
+        ids += segment_ids
+        mask += [0 if _TOOL_OUTPUT.fullmatch(segment) else 1] * len(segment_ids)
+    return ids + [tokenizer.eos_token_id], mask + [1]
+
+
+def make_batch(
+    rng: random.Random, tokenizer: PreTrainedTokenizerFast, args: PretrainArgs
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One step's text (`args.batch_size` problems of `args.task`), as a right-padded chunk per completion
+    style, so short ones are not padded long.
+
+    Each chunk is (token ids [b, T], loss mask [b, T]: 1 on the completion tokens that are trained, see
+    `encode_example`).
+    """
+    task = TASKS[args.task]
+    by_style: dict[str, list[tuple[list[int], list[int]]]] = {style: [] for style in task.styles}
+    for _ in range(args.batch_size):
+        prompt, completion, style = task.draw(rng, args)
+        by_style[style].append(encode_example(tokenizer, prompt, completion))
     chunks = []
     for rows in by_style.values():
         if not rows:
@@ -147,9 +254,9 @@ def make_batch(
         width = max(len(row) for row, _ in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
         mask = torch.zeros((len(rows), width))  # [b, T]
-        for i, (row, n_prompt) in enumerate(rows):
+        for i, (row, row_mask) in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
-            mask[i, n_prompt : len(row)] = 1.0
+            mask[i, : len(row)] = torch.tensor(row_mask, dtype=mask.dtype)
         chunks.append((ids, mask))
     return chunks
 
@@ -159,7 +266,9 @@ def pretrain(args: PretrainArgs) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tokenizer = build_tokenizer()
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
+    tokenizer = build_tokenizer(TASKS[args.task].tags)
     model = build_model(args, tokenizer)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {args}", flush=True)
     optimizer = torch.optim.AdamW(
@@ -175,7 +284,7 @@ def pretrain(args: PretrainArgs) -> Path:
     start = time.perf_counter()
     model.train()
     for step in range(args.stop_at or args.steps):
-        chunks = make_batch(rng, tokenizer, args.batch_size, args.p_direct)
+        chunks = make_batch(rng, tokenizer, args)
         n_tokens = sum(mask[:, 1:].sum() for _, mask in chunks)
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
@@ -195,7 +304,7 @@ def pretrain(args: PretrainArgs) -> Path:
     elapsed = time.perf_counter() - start
     print(f"pretraining took {elapsed:.0f}s ({elapsed / 60:.1f} min) on {args.threads} threads", flush=True)
 
-    out = Path(args.out)
+    out = Path(args.out or TASKS[args.task].out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
@@ -228,9 +337,9 @@ def evaluate_styles(
 
     Example: evaluate_styles("rl/tiny/model") -> {"reasoning_fraction": 0.25, "direct_accuracy": 0.15, ...}
     """
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # AutoTokenizer would swap in Qwen2's, which drops the tags
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = make_problems("test", n, seed=seed)
+    rows = arithmetic.make_problems("test", n, seed=seed)
     prompts = [row["prompt"] for row in rows for _ in range(samples)]
     answers = [row["answer"] for row in rows for _ in range(samples)]
     torch.manual_seed(seed)
@@ -283,10 +392,20 @@ def main() -> None:
     if eval_dir is None:
         eval_dir = pretrain(PretrainArgs(**ns))
     torch.set_num_threads(ns["threads"])
-    for temperature, samples in ((1.0, eval_samples), (0.0, 1)):
-        result = evaluate_styles(eval_dir, n=eval_n, samples=samples, temperature=temperature)
-        label = f"held-out, {eval_n} problems x {samples}, " + ("T=1" if temperature else "greedy")
-        print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    for label, result in run_evals(ns["task"], eval_dir, eval_n, eval_samples):
+        print(f"held-out, {label}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
+
+
+def run_evals(task: str, model_dir: str | Path, n: int, samples: int) -> list[tuple[str, dict[str, float]]]:
+    """The measurements docs/tiny-model.md reports: T=1 and greedy; for tools also greedy with <calc> forced."""
+    settings = [
+        (f"{n} problems x {samples}, T=1", samples, 1.0, ""),
+        (f"{n} problems x 1, greedy", 1, 0.0, ""),
+    ]
+    if task == "tools":
+        settings.append((f"{n} problems x 1, greedy, <calc> forced", 1, 0.0, tools_task.CALL_OPEN))
+        return [(label, evaluate_tools(model_dir, n, 0, k, t, prefix)) for label, k, t, prefix in settings]
+    return [(label, evaluate_styles(model_dir, n, 0, k, t)) for label, k, t, _ in settings]
 
 
 if __name__ == "__main__":
