@@ -233,6 +233,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     from rl.config import DataConfig
     from rl.data import PromptSet, sample_and_score
     from rl.models import pick_device
+    from rl.run import tool_context, with_tools
 
     if opts.k < 1:
         raise AhaError("--k must be at least 1")
@@ -256,7 +257,11 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     )
     reward = pick_reward(opts.reward, problems.columns)
     scorer = RewardScorer([RewardSpec(reward)])
-    engine = _standalone_engine(opts, policy, tokenizer, model_path, dtype, problems, max_new_tokens)
+    tools = _run_tools(run_config)
+    extra = 0 if tools is None else tool_context(tools)  # observations take context, not budget
+    engine = _standalone_engine(opts, policy, tokenizer, model_path, dtype, problems, max_new_tokens + extra)
+    if tools is not None:  # a run that called tools is evaluated with them, as it trained
+        engine = with_tools(engine, tokenizer, tools, [problems])
     params = SamplingParams(
         n=opts.k, max_new_tokens=max_new_tokens, temperature=opts.temperature,
         top_p=opts.top_p if opts.temperature else 1.0, stop=tuple(stop), seed=opts.seed,
@@ -275,7 +280,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     settings = {
         "template": template, "reward": reward, "engine": opts.engine, "temperature": opts.temperature,
         "top_p": params.top_p, "max_new_tokens": max_new_tokens, "stop": stop, "seed": opts.seed,
-        "dtype": dtype, "limit": opts.limit,
+        "dtype": dtype, "limit": opts.limit, "tools": [t.name for t in tools.tools.use] if tools else [],
     }  # fmt: skip
     result = _eval_result(opts, model_path, problems, sampled, reward, settings)
     result["time_s"] = round(time.perf_counter() - started, 2)
@@ -284,6 +289,15 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["out"] = str(out)
     return result
+
+
+def _run_tools(run_config: dict) -> Any:
+    """The run's config when it called tools (its `tools` section with the rest at defaults), else None."""
+    from rl.config import config_from_dict
+
+    if not (run_config.get("tools") or {}).get("use"):
+        return None
+    return config_from_dict({"tools": run_config["tools"]})
 
 
 def _standalone_engine(
@@ -329,6 +343,8 @@ def _eval_result(
     metrics = summarize(correct, answers)
     metrics.update(length_figures(completions))
     metrics["no_answer_frac"] = sum(a is None for group in answers for a in group) / len(completions)
+    if settings["tools"]:
+        metrics["tool_call_frac"] = sum(c.tool_calls > 0 for c in completions) / len(completions)
     return {
         "model": opts.model, "model_path": str(model_path), "data": opts.data, "split": opts.split,
         "problems": len(problems), "problems_unscored": sum(all(x is None for x in flags) for flags in correct),

@@ -22,6 +22,21 @@ PANELS = [
     ("Reflection words", [("rollout/reflection_frac", "reflection")], "fraction of completions", (0, None)),
     ("KL / entropy", [("loss/kl", "KL"), ("policy/entropy", "entropy")], "nats per token", None),
 ]
+TOOL_PANELS = [
+    (
+        "Tool calls",
+        [("tools/call_frac", "train"), ("eval/tool_call_frac", "held-out")],
+        "fraction calling",
+        (0, 1.02),
+    ),
+    (
+        "Accuracy with / without a call",
+        [("tools/accuracy_with_call", "with a call"), ("tools/accuracy_without_call", "without")],
+        "accuracy",
+        (0, 1.02),
+    ),
+]
+"""Added to the dashboard when a run called tools (docs/tools.md): the tool-use curve and whether calling pays."""
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -37,16 +52,19 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Write a 2x3 dashboard of one or more runs to `out` (PNG)."""
+    """Write a dashboard of one or more runs to `out` (PNG): 2x3 panels, 2x4 with the tool panels when a run
+    called tools."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [(Path(d).name or str(d), read_metrics(Path(d))) for d in run_dirs]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    tools = any("tools/call_frac" in row for _, rows in runs for row in rows)
+    panels = PANELS + TOOL_PANELS if tools else PANELS
+    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(5 * len(panels) // 2, 8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, keys, ylabel, ylim) in zip(axes.flat, PANELS, strict=True):
+    for ax, (title, keys, ylabel, ylim) in zip(axes.flat, panels, strict=True):
         for r, (name, rows) in enumerate(runs):
             color = colors[r % len(colors)]
             for k, (key, label) in enumerate(keys):

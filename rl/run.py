@@ -227,7 +227,7 @@ def _build_engine(
     """The rollout engine; with rollout.max_staleness >= 1, the same engine in its own process."""
     options = dict(
         dtype=config.model.compute_dtype or config.model.dtype,  # vLLM computes in the mixed-precision dtype
-        context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens + _tool_context(config),
+        context_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens + tool_context(config),
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
@@ -246,7 +246,7 @@ def _build_engine(
     )  # fmt: skip
 
 
-def _tool_context(config: Config) -> int:
+def tool_context(config: Config) -> int:
     """Context the observations of tool calls may take (they do not count toward max_new_tokens)."""
     return config.tools.max_calls * config.tools.max_output_tokens if config.tools.use else 0
 

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,21 @@ def test_plot_writes_a_png_dashboard_for_one_and_several_runs(tmp_path):
     two = plot_runs([tmp_path / "a", _fake_run(tmp_path, "b", steps=4)], tmp_path / "two.png")
     for png in (one, two):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def _png_width(png: Path) -> int:
+    return int.from_bytes(png.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_dashboard_adds_the_tool_panels_when_a_run_called_tools(tmp_path):
+    plain = plot_runs([_fake_run(tmp_path, "plain")], tmp_path / "plain.png")
+    run = _fake_run(tmp_path, "tools")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        row.update({"tools/call_frac": row["step"] / 10, "tools/accuracy_with_call": 0.9})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tools = plot_runs([run], tmp_path / "tools.png")
+    assert _png_width(plain) == 1500 and _png_width(tools) == 2000  # 3 columns of panels, then 4
 
 
 def test_aha_plot_and_samples_commands(tmp_path):
