@@ -358,6 +358,41 @@ def test_greedy_completions_equal_the_transformers_engines_with_stop_strings_and
     assert any(g.finish_reason == "stop" for g in got)  # the stop strings did fire somewhere
 
 
+def test_multi_turn_tool_rollouts_equal_the_transformers_engines_to_the_token(engine, model_dir, tok):
+    """The same greedy multi-turn rollout on both engines: vLLM continues from the token prefix, the
+    transformers engine prefills it again; the tokens, the tool masks and the calls are the same, the
+    log-probs equal within the engines' float32 tolerance."""
+    from rollouts.multiturn import Markers, ToolRollout
+    from rollouts.tools import Toolbox
+
+    policy = perturb(load(model_dir), 0.3, seed=3)
+    engine.update_weights(policy)
+    toolbox = Toolbox({"echo": lambda call, **columns: f"[{len(call)} chars]"})
+    calls = 0
+    for start, end in (("&", "s"), ("F", "k"), ("0", "4")):  # pairs the greedy texts contain, in order
+        markers = Markers(start, end, "<<", ">>")
+        params = SamplingParams(n=1, max_new_tokens=24, temperature=0.0)
+        rollouts = [
+            ToolRollout(e, tok, toolbox, markers, 2, lambda ids: {})
+            for e in (engine, TransformersEngine(policy, tok))
+        ]
+        got, want = ([g[0] for g in r.generate(_prompt_ids(tok), params)] for r in rollouts)
+        for g, w in zip(got, want, strict=True):
+            assert (g.token_ids, g.tool_mask, g.tool_calls, g.finish_reason) == (
+                w.token_ids,
+                w.tool_mask,
+                w.tool_calls,
+                w.finish_reason,
+            ), (start, end)
+            torch.testing.assert_close(
+                torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=FP32_TOLERANCE, rtol=0
+            )
+            calls += g.tool_calls
+    assert (
+        calls >= 2
+    )  # the markers did fire: observations were inserted and both engines continued after them
+
+
 def test_sleep_and_wake_are_no_ops_on_cpu(engine, tok):
     _skip_unless_cpu_vllm()
     assert engine.sleep_level == 0  # vLLM has no sleep mode on CPU
