@@ -211,6 +211,27 @@ def test_tool_tokens_are_left_out_of_the_loss_and_its_normaliser():
     ]  # column 4 is padding's in a real batch: untouched here
 
 
+def test_tool_tokens_get_no_gradient_from_the_loss_or_the_kl_and_are_never_picked_as_high_entropy():
+    from rl.config import load_config
+    from rl.update import MicroBatch, Sample, _model_token_mask, micro_batch_loss
+
+    # one completion of 4 tokens, the middle two inserted by a tool; wildly off log-probs and entropies there
+    sample = Sample(0, [1], [5, 6, 7, 8], [0.0] * 4, 1.0, True, [False, True, True, False])
+    mask = _model_token_mask([sample], torch.ones(1, 4))  # [1, 4]
+    logprobs = torch.tensor([[-1.0, -9.0, -9.0, -1.0]], requires_grad=True)
+    mb = MicroBatch(
+        logprobs=logprobs, old_logprobs=torch.tensor([[-1.05, -0.1, -0.1, -0.8]]),
+        rollout_logprobs=torch.tensor([[-1.05, 0.0, 0.0, -0.8]]), advantages=torch.tensor([1.0]), mask=mask,
+        entropy=torch.tensor([[0.5, 9.0, 9.0, 0.1]]), ref_logprobs=torch.tensor([[-1.3, -0.5, -0.5, -1.3]]),
+    )  # fmt: skip
+    algo = load_config(None, ["algorithm.kl_coef=0.5", "algorithm.entropy_top_frac=0.5"]).algorithm
+    parts = micro_batch_loss(mb, algo, {"max_len": 4, "num_seqs": 1, "num_tokens": 2})
+    parts.loss.backward()
+    assert logprobs.grad[0, 1:3].tolist() == [0.0, 0.0]  # neither the policy loss nor the KL reaches them
+    assert logprobs.grad[0, 0] != 0.0  # the model's highest-entropy token is the one kept
+    assert parts.counts["policy/entropy_kept_frac"] == (1.0, 2.0)  # of the 2 model tokens, not the 4
+
+
 def test_one_tool_per_run_and_no_tools_with_asynchronous_rollouts():
     from rl.config import load_config
     from rl.errors import ConfigError
