@@ -521,14 +521,22 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
                 f"{path}: a recipe must be a mapping of config sections, got {type(loaded).__name__}"
             )
         values = loaded or {}
+    values = _tools_shorthand(values)
     for text in overrides:
-        values = _deep_merge(values, parse_override(text))
+        values = _deep_merge(values, _tools_shorthand(parse_override(text)))
     return config_from_dict(values)
+
+
+def _tools_shorthand(values: dict) -> dict:
+    """`tools: [{name: python}]` is short for `tools: {use: [{name: python}]}`."""
+    if isinstance(values.get("tools"), list):
+        return {**values, "tools": {"use": values["tools"]}}
+    return values
 
 
 def config_from_dict(values: dict) -> Config:
     """A validated Config from nested values (a recipe's, or a saved config.yaml's): defaults filled in."""
-    config = _build(Config, values)
+    config = _build(Config, _tools_shorthand(values))
     validate(config)
     return config
 

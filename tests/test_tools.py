@@ -270,3 +270,11 @@ def test_tools_recipe_trains_on_the_shipped_tools_model_and_aha_eval_uses_the_ru
         progress=False,
     )
     assert result["settings"]["tools"] == ["calculator"] and "tool_call_frac" in result["metrics"]
+
+
+def test_a_bare_list_of_tools_is_short_for_tools_use():
+    from rl.config import load_config
+
+    config = load_config(None, ["tools=[{name: calculator}]", "tools.max_calls=2"])
+    assert [t.name for t in config.tools.use] == ["calculator"] and config.tools.max_calls == 2
+    assert load_config(None, []).tools.use == []  # no tools: the rollouts of today
