@@ -580,22 +580,7 @@ def validate(config: Config) -> None:
     _validate_loss_menu(config)
     if rollout.max_staleness < 0 or rollout.engine_threads < 1:
         raise ConfigError("rollout.max_staleness must be >= 0 and rollout.engine_threads >= 1")
-    tools = config.tools
-    if len(tools.use) > 1:
-        raise ConfigError("tools.use names one tool per run for now (each would need markers of its own)")
-    if tools.use and rollout.max_staleness:
-        raise ConfigError(
-            "tool calls with asynchronous rollouts (rollout.max_staleness >= 1) are not supported yet"
-        )
-    if (
-        tools.max_calls < 0
-        or tools.timeout_s <= 0
-        or tools.max_output_chars < 1
-        or tools.max_output_tokens < 1
-    ):
-        raise ConfigError("tools.max_calls must be >= 0, tools.timeout_s > 0, tools.max_output_* >= 1")
-    if tools.use and not all((tools.call_start, tools.call_end, tools.output_start, tools.output_end)):
-        raise ConfigError("tools.call_start, call_end, output_start and output_end must not be empty")
+    _validate_tools(config)
     if algo.kl_coef < 0:
         raise ConfigError("algorithm.kl_coef must be >= 0")
     if config.optim.lr <= 0:
@@ -623,6 +608,27 @@ def validate(config: Config) -> None:
         raise ConfigError("track.samples_every and track.log_every must be at least 1")
     if not config.rewards:
         raise ConfigError("rewards is empty: list at least one reward, e.g. rewards: [{name: math}]")
+
+
+def _validate_tools(config: Config) -> None:
+    """Tool calls (docs/tools.md): one tool, not with asynchronous rollouts, sane limits, non-empty markers."""
+    rollout = config.rollout
+    tools = config.tools
+    if len(tools.use) > 1:
+        raise ConfigError("tools.use names one tool per run for now (each would need markers of its own)")
+    if tools.use and rollout.max_staleness:
+        raise ConfigError(
+            "tool calls with asynchronous rollouts (rollout.max_staleness >= 1) are not supported yet"
+        )
+    if (
+        tools.max_calls < 0
+        or tools.timeout_s <= 0
+        or tools.max_output_chars < 1
+        or tools.max_output_tokens < 1
+    ):
+        raise ConfigError("tools.max_calls must be >= 0, tools.timeout_s > 0, tools.max_output_* >= 1")
+    if tools.use and not all((tools.call_start, tools.call_end, tools.output_start, tools.output_end)):
+        raise ConfigError("tools.call_start, call_end, output_start and output_end must not be empty")
 
 
 def _validate_loss_menu(config: Config) -> None:
