@@ -23,6 +23,7 @@ from rl.datasets import LOCAL_FORMATS, PRESETS, load_preset, load_table, read_an
 from rl.errors import DataError
 from rl.gym import load_gym
 from rl.templates import apply_template
+from rl.tiny import arithmetic, tools_task
 from rollouts.base import Completion, RolloutEngine, SamplingParams
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def load_rows(
             raise DataError(f"unknown built-in dataset {name!r}; the built-in ones: {', '.join(BUILTIN)}")
         if split not in ("train", "test"):
             raise DataError(f"{source} has splits train and test, not {split!r}")
-        return BUILTIN[name]()(split, limit or 20_000, seed=seed)
+        return BUILTIN[name](split, limit or 20_000, seed=seed)
 
     if source.startswith("gym:") or source in PRESETS:
         if (answer_key, answer_format) != ("answer", "raw"):
@@ -86,19 +87,10 @@ def load_rows(
     return rows
 
 
-def _arithmetic() -> Callable:
-    from rl.tiny.arithmetic import make_problems
-
-    return make_problems
-
-
-def _tool_arithmetic() -> Callable:
-    from rl.tiny.tools_task import make_problems
-
-    return make_problems
-
-
-BUILTIN: dict[str, Callable[[], Callable]] = {"arithmetic": _arithmetic, "tool_arithmetic": _tool_arithmetic}
+BUILTIN: dict[str, Callable[..., list[dict]]] = {
+    "arithmetic": arithmetic.make_problems,
+    "tool_arithmetic": tools_task.make_problems,
+}
 """The tiny models' synthetic tasks (rl/tiny/): sums of six two-digit numbers, and sums of three 4-5 digit
 numbers that a calculator call gets right (the tool-use demo); train and test never overlap."""
 
