@@ -9,6 +9,7 @@ After each policy update the loop calls `update_weights(policy)`; engines that s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -38,6 +39,11 @@ class SamplingParams:
     """Return each sampled token's log-prob (`Completion.logprobs`). Evaluation does not use them, and vLLM's
     throughput halves when it computes them at a 152k vocabulary (measured on an H100): ask only when used.
     An engine may return [] when False."""
+    on_stop: Callable[[int, list[int]], None] | None = None
+    """Called, by an engine that decodes token by token (the transformers engine), as soon as sample i (its
+    index in prompt-major order, prompt * n + sample) ends at a stop string, with its token ids, while the
+    other samples go on decoding: multi-turn rollouts start that sample's tool call then. An engine that only
+    returns whole batches (vLLM's `LLM.generate`) never calls it."""
 
 
 @dataclass

@@ -73,7 +73,7 @@ class TransformersEngine:
             flat: list[Completion] = []
             for start in range(0, len(prompts), per_chunk):
                 chunk = prompts[start : start + per_chunk]
-                flat += self._sample(chunk, params, device, generators[start : start + per_chunk])
+                flat += self._sample(chunk, params, device, generators[start : start + per_chunk], start)
         finally:
             self.policy.train(was_training)
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
@@ -85,6 +85,7 @@ class TransformersEngine:
         params: SamplingParams,
         device: torch.device,
         generators: list[Any],
+        first_prompt: int = 0,
     ) -> list[Completion]:
         n = params.n
         batch, width = len(group_prompts) * n, max(len(p) for p in group_prompts)
@@ -124,6 +125,8 @@ class TransformersEngine:
                     text = self.tokenizer.decode(tail)
                     if any(s in text for s in params.stop):
                         newly[i] = True
+                        if params.on_stop is not None:  # e.g. start its tool call while the rest decode
+                            params.on_stop(first_prompt * n + i, tokens[i, : t + 1].tolist())
             lengths = torch.where(newly, t + 1, lengths)
             stopped |= newly
             if t + 1 == params.max_new_tokens or (steps % check_every == 0 and bool(stopped.all())):

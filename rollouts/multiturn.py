@@ -10,7 +10,10 @@ made `max_calls` calls. The engine continues from the token prefix: vLLM reuses 
 What comes out is one `Completion` per sample: `token_ids` are the model's tokens and the inserted ones in
 order; `tool_mask` marks the inserted ones (their `logprobs` are 0.0 and the loss, KL and entropy leave them
 out); `max_new_tokens` bounds the model's tokens only (observations count toward the context, not the budget).
-Calls of a turn run at once, in threads, while no sequence decodes (the next turn waits for them).
+Calls run in threads, all at once. With an engine that reports each sample as it stops (`on_stop`: the
+transformers engine), a call starts the moment its sample closes it, while the other samples of the batch keep
+decoding; with one that returns whole batches (vLLM's `LLM.generate`), the turn's calls start when it returns.
+Either way the next turn waits for the turn's calls.
 
 Defined behaviour at the edges: a call that is never closed is text (the completion ends as it ends); an
 empty call is run as such (the tool's error is the observation); a stop at `call_end` with no open
@@ -21,6 +24,7 @@ empty call is run as such (the tool's error is the observation); a stop at `call
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from rollouts.base import Completion, RolloutEngine, SamplingParams
-from rollouts.tools import Observation, Toolbox
+from rollouts.tools import Observation, PendingCall, Toolbox
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class _Sequence:
     errors: int = 0
     finish: str = "stop"
     done: bool = False
+    pending: PendingCall | None = None  # its call, started while the other sequences were still decoding
 
 
 class ToolRollout:
@@ -74,8 +79,9 @@ class ToolRollout:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         sequences = [_Sequence(list(p), self.columns_of(p)) for p in prompts for _ in range(params.n)]
-        first = self.engine.generate(prompts, self._params(params, params.n, params.max_new_tokens))
-        self._extend(sequences, [c for group in first for c in group], params.max_new_tokens)
+        first = self._params(params, params.n, params.max_new_tokens, sequences)
+        out = self.engine.generate(prompts, first)
+        self._extend(sequences, [c for group in out for c in group], params.max_new_tokens)
         turn = 0
         while live := [s for s in sequences if not s.done]:
             turn += 1
@@ -83,7 +89,7 @@ class ToolRollout:
             # one batch for the turn, with the largest budget left; each sequence is cut to its own after
             budget = max(params.max_new_tokens - s.model_tokens for s in live)
             continuation = dataclasses.replace(
-                self._params(params, 1, budget),
+                self._params(params, 1, budget, live),
                 seed=None if params.seed is None else params.seed + turn * 1_000_003,
             )
             out = self.engine.generate([s.prompt + s.tokens for s in live], continuation)
@@ -91,9 +97,26 @@ class ToolRollout:
         flat = [self._completion(s) for s in sequences]
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _params(self, params: SamplingParams, n: int, budget: int) -> SamplingParams:
+    def _params(
+        self, params: SamplingParams, n: int, budget: int, sequences: list[_Sequence]
+    ) -> SamplingParams:
+        """The engine's parameters for a turn: stop at call_end too, and start each call as soon as the
+        engine reports its sample stopped (`on_stop`), while the other samples decode."""
         stop = (*params.stop, self.markers.call_end)
-        return dataclasses.replace(params, n=n, max_new_tokens=budget, stop=stop)
+        on_stop = functools.partial(self._start_call, sequences, params.max_new_tokens)
+        return dataclasses.replace(params, n=n, max_new_tokens=budget, stop=stop, on_stop=on_stop)
+
+    def _start_call(self, sequences: list[_Sequence], max_new_tokens: int, i: int, ids: list[int]) -> None:
+        """Sample i stopped at `ids`: when that closes a call it may make (within its budget and max_calls),
+        start the call now; `_insert_observations` collects it."""
+        s = sequences[i]
+        if len(ids) >= max_new_tokens - s.model_tokens or s.calls >= self.max_calls:
+            return  # the budget ends here (no call is run), or past max_calls (answered in _insert_observations)
+        if not self.tokenizer.decode(ids).endswith(self.markers.call_end):  # as `_extend` decides
+            return
+        call = _open_call(self.tokenizer.decode(s.tokens + ids, skip_special_tokens=False), self.markers)
+        if call is not None:
+            s.pending = self.toolbox.start(call, s.columns)
 
     def _extend(self, sequences: list[_Sequence], segments: list[Completion], max_new_tokens: int) -> None:
         """Append each sequence's new segment (cut to its own token budget) and decide whether it goes on: it
@@ -117,18 +140,22 @@ class ToolRollout:
 
     def _insert_observations(self, live: list[_Sequence]) -> None:
         """Run the calls the live sequences just closed, at once; append their observations as tokens."""
-        calls, callers = [], []
+        started, callers = [], []
         for s in live:
-            text = self.tokenizer.decode(s.tokens, skip_special_tokens=False)
-            call = _open_call(text, self.markers)
-            if call is None:
-                continue  # a stop at call_end with no open call: not a call, the sequence just continues
-            if s.calls >= self.max_calls:
-                self._append(s, Observation(f"error: no more tool calls (at most {self.max_calls})", True))
-                continue
-            calls.append((call, s.columns))
+            pending, s.pending = s.pending, None
+            if pending is None:  # not started while decoding (an engine without on_stop): start it now
+                call = _open_call(self.tokenizer.decode(s.tokens, skip_special_tokens=False), self.markers)
+                if call is None:
+                    continue  # a stop at call_end with no open call: not a call, the sequence just continues
+                if s.calls >= self.max_calls:
+                    self._append(
+                        s, Observation(f"error: no more tool calls (at most {self.max_calls})", True)
+                    )
+                    continue
+                pending = self.toolbox.start(call, s.columns)
+            started.append(pending)
             callers.append(s)
-        for s, observation in zip(callers, self.toolbox.run_calls(calls), strict=True):
+        for s, observation in zip(callers, self.toolbox.finish(started), strict=True):
             self._append(s, observation)
 
     def _append(self, s: _Sequence, observation: Observation) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import operator
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,31 +147,46 @@ class Toolbox:
 
     def run_calls(self, calls: list[tuple[str, dict]]) -> list[Observation]:
         """Run each (call, columns) with the first tool (the one a run uses), all at once, each to its deadline."""
-        name, fn = next(iter(self.tools.items()))
-        results: list[Observation | None] = [None] * len(calls)
-        threads = []
-        for i, (call, columns) in enumerate(calls):
-            thread = threading.Thread(
-                target=self._call, args=(fn, name, call, columns, results, i), daemon=True
-            )
-            thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join(self.timeout_s)
-        return [
-            r
-            if r is not None
-            else Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
-            for r in results
-        ]
+        return self.finish([self.start(call, columns) for call, columns in calls])
 
-    def _call(self, fn: ToolFn, name: str, call: str, columns: dict, out: list, i: int) -> None:
+    def start(self, call: str, columns: dict) -> PendingCall:
+        """Start one call now, in a daemon thread, with the first tool; `finish` collects it."""
+        name, fn = next(iter(self.tools.items()))
+        pending = PendingCall(time.monotonic() + self.timeout_s)
+        threading.Thread(target=self._call, args=(fn, name, call, columns, pending), daemon=True).start()
+        return pending
+
+    def finish(self, calls: list[PendingCall]) -> list[Observation]:
+        """The started calls' observations, waiting for each at most until its own deadline (a call still
+        running then is an error observation; its thread is left to end on its own)."""
+        name = next(iter(self.tools))
+        for pending in calls:
+            pending.done.wait(max(0.0, pending.deadline - time.monotonic()))
+        late = Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
+        return [pending.result or late for pending in calls]
+
+    def _call(self, fn: ToolFn, name: str, call: str, columns: dict, pending: PendingCall) -> None:
         try:
             value = fn(call, **self.options.get(name, {}), **columns)
         except Exception as err:  # the model's call was bad, or the tool failed: the model reads why
-            out[i] = Observation(f"error: {type(err).__name__}: {str(err)[:200]}", True)
+            pending.set(Observation(f"error: {type(err).__name__}: {str(err)[:200]}", True))
             return
         if not isinstance(value, str):
-            out[i] = Observation(f"error: the {name} tool returned {type(value).__name__}, not text", True)
+            pending.set(
+                Observation(f"error: the {name} tool returned {type(value).__name__}, not text", True)
+            )
             return
-        out[i] = Observation(value if len(value) <= self.max_chars else value[: self.max_chars] + "...")
+        pending.set(Observation(value if len(value) <= self.max_chars else value[: self.max_chars] + "..."))
+
+
+@dataclass
+class PendingCall:
+    """A call running in its thread: its deadline (time.monotonic()), and its observation once it is done."""
+
+    deadline: float
+    result: Observation | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def set(self, observation: Observation) -> None:
+        self.result = observation
+        self.done.set()

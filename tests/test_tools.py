@@ -3,6 +3,7 @@ update leaving tool-inserted tokens out."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -278,3 +279,86 @@ def test_a_bare_list_of_tools_is_short_for_tools_use():
     config = load_config(None, ["tools=[{name: calculator}]", "tools.max_calls=2"])
     assert [t.name for t in config.tools.use] == ["calculator"] and config.tools.max_calls == 2
     assert load_config(None, []).tools.use == []  # no tools: the rollouts of today
+
+
+# ----------------------------------------------------------------------- calls overlap the other samples' decoding
+class Streaming(Scripted):
+    """A Scripted engine that reports each sample that stops at call_end as it goes (`on_stop`), then goes on
+    "decoding" the rest; `busy` is True while it does."""
+
+    busy = False
+
+    def generate(self, prompts, params):
+        self.busy = True
+        out = super().generate(prompts, dataclasses.replace(params, on_stop=None))
+        for i, group in enumerate(out):
+            if params.on_stop and group[0].token_ids[-1:] == [CALL_END]:
+                params.on_stop(i, group[0].token_ids)
+        self.busy = False
+        return out
+
+
+def test_a_call_starts_as_its_sample_stops_while_the_others_still_decode():
+    segments = [[CALL_START, *_digits("2+3"), CALL_END], [*_digits("no call"), EOS], [*_digits("5"), EOS]]
+    engine = Streaming([list(s) for s in segments])
+    started_while_busy = []
+
+    class Recording(Toolbox):
+        def start(self, call, columns):
+            started_while_busy.append(engine.busy)
+            return super().start(call, columns)
+
+    rollout = ToolRollout(engine, CharTokenizer(), Recording({"t": calculator}), MARKERS, 2, lambda ids: {})
+    got = rollout.generate([[7], [8]], SamplingParams(n=1, max_new_tokens=20))
+    assert started_while_busy == [True]  # started by on_stop, inside the engine's generate, once
+    want = _rollout([list(s) for s in segments])[0].generate(
+        [[7], [8]], SamplingParams(n=1, max_new_tokens=20)
+    )
+    assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want]  # the same rollouts either way
+
+
+def test_the_transformers_engine_reports_each_stop_as_it_happens_and_rollouts_do_not_depend_on_it():
+    from transformers import AutoModelForCausalLM
+
+    from rl.models import load_tokenizer, resolve_model_path
+    from rl.tiny.tools_task import make_problems
+    from rollouts.hf_engine import TransformersEngine
+
+    path = resolve_model_path("aha-tiny-tools")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4)  # 2 prompts x 2 samples a chunk
+    rows = make_problems("test", 16, seed=5)
+    # the engine alone: a prompt that opens a call makes the model write the expression and stop at </calc>
+    prompts = [
+        tokenizer.encode(row["prompt"] + ("<calc>" if i % 2 else "")) for i, row in enumerate(rows[:4])
+    ]
+    reported = {}
+    params = SamplingParams(n=2, max_new_tokens=24, temperature=0.0, stop=("</calc>",))
+    groups = engine.generate(
+        prompts, dataclasses.replace(params, on_stop=lambda i, ids: reported.update({i: ids}))
+    )
+    flat = [c for group in groups for c in group]
+    by_stop_string = {i for i, c in enumerate(flat) if c.token_ids[-1] != tokenizer.eos_token_id}
+    assert set(reported) == by_stop_string == {2, 3, 6, 7}  # the samples of prompts 1 and 3
+    assert all(reported[i] == flat[i].token_ids for i in reported)
+
+    # through the rollout: the same completions whether calls start on the engine's report or after the turn
+    class Batched:  # the engine, without reports (as vLLM's LLM.generate)
+        shares_policy, batch_size, standalone, summary = True, None, {}, ""
+
+        def generate(self, prompts, params):
+            return engine.generate(prompts, dataclasses.replace(params, on_stop=None))
+
+    markers = Markers("<calc>", "</calc>", "<out>", "</out>")
+    prompts = [tokenizer.encode(row["prompt"]) for row in rows]
+    sampling = SamplingParams(n=8, max_new_tokens=48, temperature=1.0, seed=3)
+    runs = [
+        ToolRollout(e, tokenizer, Toolbox({"calculator": calculator}), markers, 2, lambda ids: {}).generate(
+            prompts, sampling
+        )
+        for e in (engine, Batched())
+    ]
+    streamed, batched = ([(c.token_ids, c.tool_mask, c.tool_calls) for g in run for c in g] for run in runs)
+    assert streamed == batched
+    assert sum(calls for _, _, calls in streamed) > 0  # ~1 in 10 samples calls: 128 samples call some
