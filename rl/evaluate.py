@@ -28,10 +28,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rl.errors import AhaError
 from rollouts import Completion, RolloutEngine, SamplingParams, build_engine, engine_class
+
+if TYPE_CHECKING:
+    from rl.config import Config
 
 # ------------------------------------------------------------------------------------------ the metrics
 
@@ -291,7 +294,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     return result
 
 
-def _run_tools(run_config: dict) -> Any:
+def _run_tools(run_config: dict) -> Config | None:
     """The run's config when it called tools (its `tools` section with the rest at defaults), else None."""
     from rl.config import config_from_dict
 

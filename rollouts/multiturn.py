@@ -112,11 +112,19 @@ class ToolRollout:
         s = sequences[i]
         if len(ids) >= max_new_tokens - s.model_tokens or s.calls >= self.max_calls:
             return  # the budget ends here (no call is run), or past max_calls (answered in _insert_observations)
-        if not self.tokenizer.decode(ids).endswith(self.markers.call_end):  # as `_extend` decides
+        if not self._ends_at_call_end(ids):
             return
-        call = _open_call(self.tokenizer.decode(s.tokens + ids, skip_special_tokens=False), self.markers)
+        call = self._closed_call(s.tokens + ids)
         if call is not None:
             s.pending = self.toolbox.start(call, s.columns)
+
+    def _ends_at_call_end(self, segment: list[int]) -> bool:
+        """Whether a sampled segment stopped at `call_end` (rather than at EOS or a user's stop string)."""
+        return self.tokenizer.decode(segment).endswith(self.markers.call_end)
+
+    def _closed_call(self, tokens: list[int]) -> str | None:
+        """The call a completion's tokens end by closing (see `_open_call`)."""
+        return _open_call(self.tokenizer.decode(tokens, skip_special_tokens=False), self.markers)
 
     def _extend(self, sequences: list[_Sequence], segments: list[Completion], max_new_tokens: int) -> None:
         """Append each sequence's new segment (cut to its own token budget) and decide whether it goes on: it
@@ -135,7 +143,7 @@ class ToolRollout:
             s.tool_mask += [False] * len(ids)
             s.model_tokens += len(ids)
             s.finish = finish
-            at_call_end = finish == "stop" and self.tokenizer.decode(ids).endswith(self.markers.call_end)
+            at_call_end = finish == "stop" and self._ends_at_call_end(ids)
             s.done = not at_call_end or s.model_tokens >= max_new_tokens
 
     def _insert_observations(self, live: list[_Sequence]) -> None:
@@ -144,7 +152,7 @@ class ToolRollout:
         for s in live:
             pending, s.pending = s.pending, None
             if pending is None:  # not started while decoding (an engine without on_stop): start it now
-                call = _open_call(self.tokenizer.decode(s.tokens, skip_special_tokens=False), self.markers)
+                call = self._closed_call(s.tokens)
                 if call is None:
                     continue  # a stop at call_end with no open call: not a call, the sequence just continues
                 if s.calls >= self.max_calls:

@@ -42,7 +42,7 @@ from transformers import (
 
 from rl.models import load_tokenizer
 from rl.tiny import arithmetic, tools_task
-from rl.tiny.tools_eval import evaluate_tools
+from rl.tiny.tools_eval import evaluate_tools, final_answer, generate
 
 DEFAULT_OUT = Path(__file__).parent / "model"
 TOOLS_OUT = Path(__file__).parent / "tools_model"
@@ -343,24 +343,17 @@ def evaluate_styles(
     prompts = [row["prompt"] for row in rows for _ in range(samples)]
     answers = [row["answer"] for row in rows for _ in range(samples)]
     torch.manual_seed(seed)
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, **(sampling if temperature > 0 else {"do_sample": False})
-    )
-    completions = out[:, batch["input_ids"].shape[1] :].tolist()  # [N, new]
+    eos = tokenizer.eos_token_id
+    completions = generate(model, tokenizer, prompts, [eos], max_new_tokens, temperature)  # cut after EOS
     correct: dict[str, list[float]] = {"reasoning": [], "direct": []}
     lengths: dict[str, list[float]] = {"reasoning": [], "direct": []}
     truncated = 0
     for ids, answer in zip(completions, answers, strict=True):
-        finished = tokenizer.eos_token_id in ids
-        truncated += not finished
-        length = ids.index(tokenizer.eos_token_id) + 1 if finished else len(ids)
-        text = tokenizer.decode(ids[:length], skip_special_tokens=True)
-        found = text.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0] if "</answer>" in text else None
+        truncated += eos not in ids
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         style = "reasoning" if "<think>" in text else "direct"
-        correct[style].append(float(found == answer))
-        lengths[style].append(float(length))
+        correct[style].append(float(final_answer(text) == answer))
+        lengths[style].append(float(len(ids)))
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")

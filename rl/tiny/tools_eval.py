@@ -5,7 +5,8 @@
 A completion that starts with <calc> is a tool call. Generation stops at </calc> (or EOS); the simulated
 calculator evaluates the expression the model wrote (`rl.tiny.tools_task.calculate`), appends
 "<out>VALUE</out>", and the model continues to EOS, as a multi-turn rollout will at RL time. A malformed
-expression gets no output and counts as wrong.
+expression gets no output and counts as wrong. `generate` and `final_answer` also serve aha-tiny's measurement
+(`rl.tiny.pretrain.evaluate_styles`).
 """
 
 from __future__ import annotations
