@@ -20,13 +20,15 @@ This package never imports ``rl`` or ``rollouts``. See docs/rewards.md.
 
 from rewards import code, countdown, format, math  # noqa: F401 - importing registers the built-ins
 from rewards.registry import RewardError, get_reward, register_reward, registered_names
-from rewards.scoring import RewardResult, RewardScorer, RewardSpec
+from rewards.scoring import RewardResult, RewardScorer, RewardSpec, RewardTally, batch_reward
 
 __all__ = [
     "RewardError",
     "RewardResult",
     "RewardScorer",
     "RewardSpec",
+    "RewardTally",
+    "batch_reward",
     "get_reward",
     "register_reward",
     "registered_names",
