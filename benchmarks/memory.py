@@ -88,7 +88,8 @@ def worker(spec: dict) -> dict:
     from rl.distributed import Distributed
     from rl.logprobs import CompletionLogprobs
     from rl.models import prepare_for_training
-    from rl.update import Sample, Trainee, update_policy
+    from rl.trajectory import Trajectory
+    from rl.update import Trainee, update_policy
 
     rank, checkpointing = MODES[spec["mode"]]
     device = torch.device(spec["device"])
@@ -122,7 +123,7 @@ def worker(spec: dict) -> dict:
         for k in range(8):
             completion = torch.randint(3, SHAPE["vocab_size"], (spec["completion"],), generator=generator)
             samples.append(
-                Sample(g, prompt, completion.tolist(), [0.0] * spec["completion"], (-1.0) ** k, True)
+                Trajectory(g, prompt, completion.tolist(), [0.0] * spec["completion"], (-1.0) ** k, True)
             )
 
     def step() -> float:

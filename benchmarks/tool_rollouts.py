@@ -41,7 +41,7 @@ def sample_once(engine, tokenizer, prompts: list[list[int]], tool: str, params: 
     """One batch of rollouts in a mode; its wall time, model tokens and calls."""
     if tool != "none":
         toolbox = Toolbox({tool: resolve_tool(tool)}, timeout_s=10.0)
-        engine = ToolRollout(engine, tokenizer, toolbox, MARKERS, max_calls=2, columns_of=lambda ids: {})
+        engine = ToolRollout(engine, tokenizer, toolbox, MARKERS, max_calls=2)
     start = time.perf_counter()
     groups = engine.generate(prompts, params)
     seconds = time.perf_counter() - start

@@ -44,6 +44,7 @@ def main() -> None:
     from rl.config import load_config
     from rl.distributed import Distributed
     from rl.logprobs import CompletionLogprobs
+    from rl.trajectory import Trajectory
 
     torch.set_num_threads(1)
     w = bench_vs_trl.CPU_DEFAULT
@@ -56,9 +57,7 @@ def main() -> None:
         prompt = [rng.randrange(10, w.vocab) for _ in range(w.prompt_tokens)]
         for _ in range(args.group):
             completion = [rng.randrange(10, w.vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
-            samples.append(
-                update.Sample(g, prompt, completion, [0.0] * len(completion), rng.gauss(0, 1), True)
-            )
+            samples.append(Trajectory(g, prompt, completion, [0.0] * len(completion), rng.gauss(0, 1), True))
     config = load_config(
         None, [f"train.micro_batch_size={args.micro}", f"rollout.max_new_tokens={args.max_len}"]
     )

@@ -1,9 +1,9 @@
-"""One step's training batch: prompts -> G completions each -> rewards -> group-relative advantages.
+"""One step's training batch: prompts -> G trajectories each -> rewards -> group-relative advantages.
 
     sample_batch        sampling rounds (DAPO's dynamic sampling may take several) over whole groups, with
                         overlong shaping and filtering
     rank_advantages     each group's advantages (over its scored samples only)
-    update_samples      the batch as the update's `Sample`s
+    assign_advantages   the advantages into the trajectories, which the update then reads (rl/trajectory.py)
 
 Masks, one vocabulary: `scored` (a reward function scored the sample: its reward is not NaN) and `trainable`
 (scored, and not dropped by overlong filtering: it enters the loss). Token masks are the update's.
@@ -20,59 +20,55 @@ import torch
 
 from rewards import RewardResult, RewardScorer
 from rl.config import AlgorithmConfig, Config
-from rl.data import PromptSampler, PromptSet, sample_and_score
+from rl.data import PromptSampler, PromptSet
 from rl.distributed import Distributed
 from rl.errors import AhaError
 from rl.grpo import group_advantages, informative_groups, overlong_penalty, passk_advantages
-from rl.update import Sample
-from rollouts import Completion, RolloutEngine, SamplingParams
+from rl.rollout import Rollout, sample_and_score
+from rl.trajectory import Trajectory, flatten
+from rollouts import RolloutEngine, SamplingParams
+
+Groups = list[list[Trajectory]]  # [P][G]: each prompt's G trajectories
+
+
+def group_tensor(groups: Groups, field: str, size: int) -> torch.Tensor:
+    """[P, G] of a trajectory field over groups: `reward` (float, NaN unscored), `scored` or `trainable`
+    (bool). `size` (G) gives the shape when there are no groups."""
+    if field == "reward":
+        return torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32).view(-1, size)
+    return torch.tensor([[getattr(t, field) for t in g] for g in groups], dtype=torch.bool).view(-1, size)
 
 
 @dataclass
 class Round:
-    """One sampling round: its prompts, their completions and rewards, every group (an unfiltered view)."""
+    """One sampling round: every group it sampled (an unfiltered view), scored and shaped."""
 
-    rows: list[int]  # [P] indices into the prompt set
-    completions: list[Completion]  # [P * G], prompt-major
-    scores: RewardResult
-    rewards: torch.Tensor  # [P, G] total reward after overlong shaping; NaN where unscored
-    scored: torch.Tensor  # [P, G] bool
-    trainable: torch.Tensor  # [P, G] bool
-    version: int | None = (
-        None  # the policy version that sampled it, when sampled ahead (async); None: current
-    )
+    groups: Groups
+    scores: RewardResult  # the reward functions' result over the round (its metrics)
 
-
-@dataclass
-class Group:
-    """One prompt's G samples, kept for training."""
-
-    row: int
-    completions: list[Completion]  # [G]
-    rewards: torch.Tensor  # [G]
-    scored: torch.Tensor  # [G] bool
-    trainable: torch.Tensor  # [G] bool
-    version: int | None = None
+    def tensor(self, field: str) -> torch.Tensor:
+        return group_tensor(self.groups, field, len(self.groups[0]) if self.groups else 0)
 
 
 @dataclass
 class StepBatch:
     """The groups one step trains on, and the first sampling round (for the step's reward metrics)."""
 
-    groups: list[Group]
+    groups: Groups
     first_round: Round
     rounds: int
     dropped_groups: int
     rollout_s: float
     reward_s: float
 
+    @property
+    def trajectories(self) -> list[Trajectory]:
+        return flatten(self.groups)
+
     def stacked(self, field: str) -> torch.Tensor:
-        """[P, G] of a group field (`rewards`, `scored`, `trainable`) over the kept groups."""
-        rows = [getattr(g, field) for g in self.groups]
-        if rows:
-            return torch.stack(rows)
-        size = self.first_round.rewards.shape[1]
-        return torch.zeros((0, size), dtype=torch.float32 if field == "rewards" else torch.bool)
+        """[P, G] of a trajectory field (`reward`, `scored`, `trainable`) over the kept groups."""
+        first = self.first_round.groups
+        return group_tensor(self.groups, field, len(first[0]) if first else 0)
 
     def metrics(self, policy_version: int | None = None) -> dict[str, float]:
         """Rounds and groups; with `policy_version` (the version being trained, asynchronous rollouts) also the
@@ -83,7 +79,8 @@ class StepBatch:
             "rollout/trained_groups": float(len(self.groups)),
         }
         if policy_version is not None:
-            lag = [policy_version - (policy_version if g.version is None else g.version) for g in self.groups]
+            versions = [g[0].version for g in self.groups]
+            lag = [policy_version - (policy_version if v is None else v) for v in versions]
             out["rollout/staleness_mean"] = sum(lag) / len(lag) if lag else 0.0
             out["rollout/staleness_max"] = float(max(lag, default=0))
         return out
@@ -127,7 +124,7 @@ def sample_batch(
     algo, dist = config.algorithm, source.dist
     wanted = config.train.prompts_per_step // dist.world
     max_rounds = 1 + (algo.dynamic_max_rounds if algo.dynamic_sampling else 0)
-    kept: list[Group] = []
+    kept: Groups = []
     first, rounds, dropped, rollout_s, reward_s = None, 0, 0, 0.0, 0.0
     while rounds < max_rounds:
         missing = int(dist.max(wanted - len(kept)))  # ranks draw in lockstep, so their samplers stay equal
@@ -142,12 +139,12 @@ def sample_batch(
         rollout_s, reward_s = rollout_s + seconds[0], reward_s + seconds[1]
         first = first or this
         keep = (
-            informative_groups(this.rewards, this.scored)
+            informative_groups(this.tensor("reward"), this.tensor("scored"))
             if algo.dynamic_sampling
-            else torch.ones(len(this.rows), dtype=torch.bool)
+            else torch.ones(len(this.groups), dtype=torch.bool)
         )
         dropped += int((~keep).sum())
-        kept += [_group(this, g) for g in keep.nonzero().flatten().tolist()]
+        kept += [this.groups[g] for g in keep.nonzero().flatten().tolist()]
         rounds += 1
     return StepBatch(kept, first, rounds, dropped, rollout_s, reward_s)
 
@@ -160,47 +157,27 @@ def _sample_round(
         sampled = sample_and_score(
             source.prompts, source.engine, source.scorer, rows, params, generation=source.generation
         )
-    return shape_round(rows, sampled.completions, sampled.scores, config), (sampled.sample_s, sampled.score_s)
+    return shape_round(sampled, config), (sampled.sample_s, sampled.score_s)
 
 
-def shape_round(
-    rows: list[int],
-    completions: list[Completion],
-    scores: RewardResult,
-    config: Config,
-    version: int | None = None,
-) -> Round:
-    """A round from its completions and scores: overlong shaping of the rewards, the scored and trainable masks."""
-    algo, group_size = config.algorithm, config.rollout.group_size
-    rewards = torch.tensor(scores.total, dtype=torch.float32)  # [P * G]
-    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
-    if algo.overlong_buffer:
-        lengths = torch.tensor([len(c.token_ids) for c in completions])
-        rewards = rewards + overlong_penalty(
-            lengths, config.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
-        )
-    rewards = rewards.view(-1, group_size)  # [P, G]
-    scored = ~torch.isnan(rewards)
-    trainable = scored & ~truncated.view(-1, group_size) if algo.overlong_filter else scored
-    return Round(rows, completions, scores, rewards, scored, trainable, version)
-
-
-def _group(round_: Round, g: int) -> Group:
-    size = round_.rewards.shape[1]
-    return Group(
-        round_.rows[g],
-        round_.completions[g * size : (g + 1) * size],
-        round_.rewards[g],
-        round_.scored[g],
-        round_.trainable[g],
-        round_.version,
-    )
+def shape_round(sampled: Rollout, config: Config) -> Round:
+    """A round from scored trajectories: overlong shaping of each reward, and which enter the loss."""
+    algo = config.algorithm
+    for t in sampled.trajectories:
+        if algo.overlong_buffer:
+            penalty = overlong_penalty(
+                torch.tensor([t.model_tokens]), config.rollout.max_new_tokens, algo.overlong_buffer,
+                algo.overlong_penalty,
+            )  # fmt: skip
+            t.reward += float(penalty[0])
+        t.trainable = t.scored and not (algo.overlong_filter and t.finish_reason == "length")
+    return Round(sampled.groups, sampled.scores)
 
 
 def rank_advantages(batch: StepBatch, algo: AlgorithmConfig, dist: Distributed) -> torch.Tensor:
     """Advantages [P, G] of this rank's groups, over scored samples only (an unscored one gets 0 and moves no
     statistic). Groups never span ranks, so only the batch scales need the other ranks' rewards."""
-    rewards, scored = batch.stacked("rewards"), batch.stacked("scored")
+    rewards, scored = batch.stacked("reward"), batch.stacked("scored")
     if algo.advantage == "passk":
         if bool(((rewards != 0) & (rewards != 1) & scored).any()):
             raise AhaError(
@@ -217,11 +194,10 @@ def rank_advantages(batch: StepBatch, algo: AlgorithmConfig, dist: Distributed) 
     return everything[offset : offset + len(rewards)]
 
 
-def update_samples(batch: StepBatch, prompts: PromptSet, advantages: torch.Tensor) -> list[Sample]:
-    """The batch's completions as the update's samples: prompt and completion ids, the engine's log-probs,
-    the advantage, and whether it is trainable."""
-    return [
-        Sample(g, prompts.ids[group.row], c.token_ids, c.logprobs, float(a), bool(t), c.tool_mask)
-        for g, group in enumerate(batch.groups)
-        for c, a, t in zip(group.completions, advantages[g].tolist(), group.trainable.tolist(), strict=True)
-    ]
+def assign_advantages(batch: StepBatch, advantages: torch.Tensor) -> list[Trajectory]:
+    """Write each group's advantages [P, G] and its index into its trajectories; returns them, prompt-major:
+    what the update trains on."""
+    for g, (group, row) in enumerate(zip(batch.groups, advantages.tolist(), strict=True)):
+        for t, a in zip(group, row, strict=True):
+            t.group, t.advantage = g, float(a)
+    return batch.trajectories

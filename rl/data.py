@@ -1,5 +1,5 @@
-"""The prompts a run trains and evaluates on: `PromptSet` (rows checked, templated and encoded once, scored
-with the reward functions) and `PromptSampler` (shuffled passes, resumable). Where rows come from (local
+"""The prompts a run trains and evaluates on: `PromptSet` (rows checked, templated and encoded once) and
+`PromptSampler` (shuffled passes, resumable); rl/rollout.py turns rows into scored trajectories. Where rows come from (local
 files, hub presets, reasoning-gym, the built-in generator) is rl/datasets.py.
 
 A row is a dict: the prompt column plus any other fields (answer, tests, target, ...), which are passed to
@@ -8,23 +8,17 @@ the reward functions as columns. Sampling is by whole prompts; each prompt becom
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import random
-import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rewards import RewardResult, RewardScorer
 from rl.config import DataConfig
 from rl.datasets import LOCAL_FORMATS, PRESETS, load_preset, load_table, read_answers
 from rl.errors import DataError
 from rl.gym import load_gym
 from rl.templates import apply_template
 from rl.tiny import arithmetic, tools_task
-from rollouts.base import Completion, RolloutEngine, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,10 +27,8 @@ __all__ = [
     "LOCAL_FORMATS",
     "PromptSampler",
     "PromptSet",
-    "Sampled",
     "check_column",
     "load_rows",
-    "sample_and_score",
 ]
 
 
@@ -218,60 +210,3 @@ class PromptSet:
                 "(or eval.size=0 for no evaluation)"
             )
         return cls(rows, texts, ids, sorted(k for k in fields if k != data.prompt_key), skipped)
-
-    def score(
-        self, scorer: RewardScorer, rows: list[int], completions: list[Completion], group_size: int
-    ) -> RewardResult:
-        """Score completions of `rows` (each row's group_size completions contiguous) with the reward scorer."""
-        flat = [r for r in rows for _ in range(group_size)]
-        return scorer(
-            [self.texts[r] for r in flat],
-            [c.text for c in completions],
-            {k: [self.rows[r].get(k) for r in flat] for k in self.columns},
-        )
-
-
-@dataclass
-class Sampled:
-    """Completions of some prompts, their rewards, and the seconds each part took."""
-
-    completions: list[Completion]  # [P * G], prompt-major
-    scores: RewardResult
-    sample_s: float
-    score_s: float
-
-
-def sample_and_score(
-    prompts: PromptSet,
-    engine: RolloutEngine,
-    scorer: RewardScorer,
-    rows: list[int],
-    params: SamplingParams,
-    *,
-    generation: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-    per_call: int | None = None,
-    advance: Callable[[int], None] | None = None,
-) -> Sampled:
-    """`params.n` completions of each of `rows`, and their rewards: the one path of a training round, the
-    in-run evaluation and `aha eval`.
-
-    `generation()` is entered around sampling (the loop's: a sharded policy gathered whole, mixed precision).
-    `per_call` prompts go to the engine at a time (None: all in one call), the seed moved on by each call's
-    offset, so prompt i keeps the stream `seed + i` the protocol promises; `advance(n)` hears of each call's
-    n prompts (a progress bar).
-    """
-    completions: list[Completion] = []
-    start_time = time.perf_counter()
-    step = per_call or max(len(rows), 1)
-    with generation():
-        for start in range(0, len(rows), step):
-            part = rows[start : start + step]
-            seed = None if params.seed is None else params.seed + start
-            groups = engine.generate([prompts.ids[r] for r in part], dataclasses.replace(params, seed=seed))
-            completions += [c for group in groups for c in group]
-            if advance is not None:
-                advance(len(part))
-    sample_s = time.perf_counter() - start_time
-    start_time = time.perf_counter()
-    scores = prompts.score(scorer, rows, completions, params.n)
-    return Sampled(completions, scores, sample_s, time.perf_counter() - start_time)

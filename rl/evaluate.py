@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl.errors import AhaError
-from rollouts import Completion, RolloutEngine, SamplingParams, build_engine, engine_class
+from rl.trajectory import Trajectory
+from rollouts import RolloutEngine, SamplingParams, build_engine, engine_class
 
 if TYPE_CHECKING:
     from rl.config import Config
@@ -234,9 +235,9 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     """Sample k completions per problem, score them, and return (and write) the results as a dict."""
     from rewards import RewardScorer, RewardSpec
     from rl.config import DataConfig
-    from rl.data import PromptSet, sample_and_score
+    from rl.data import PromptSet
     from rl.models import pick_device
-    from rl.run import tool_context, with_tools
+    from rl.rollout import sample_and_score, tool_context, with_tools
 
     if opts.k < 1:
         raise AhaError("--k must be at least 1")
@@ -264,7 +265,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     extra = 0 if tools is None else tool_context(tools)  # observations take context, not budget
     engine = _standalone_engine(opts, policy, tokenizer, model_path, dtype, problems, max_new_tokens + extra)
     if tools is not None:  # a run that called tools is evaluated with them, as it trained
-        engine = with_tools(engine, tokenizer, tools, [problems])
+        engine = with_tools(engine, tokenizer, tools)
     params = SamplingParams(
         n=opts.k, max_new_tokens=max_new_tokens, temperature=opts.temperature,
         top_p=opts.top_p if opts.temperature else 1.0, stop=tuple(stop), seed=opts.seed,
@@ -325,29 +326,27 @@ def _eval_result(
     from rewards.math import extract_answer
     from rewards.text import prompt_opens_think
 
-    completions, scores = sampled.completions, sampled.scores
-    correct_flat = scores.correct or [None if s is None else s == 1.0 for s in scores.per_function[reward]]
+    trajectories = sampled.trajectories
     records, correct, answers = [], [], []
-    for i in range(len(problems)):
-        group = completions[i * opts.k : (i + 1) * opts.k]
-        flags = correct_flat[i * opts.k : (i + 1) * opts.k]
-        in_think = prompt_opens_think(problems.texts[i])  # as the math reward reads them
-        extracted = [extract_answer(c.text, in_think) for c in group]
+    for group in sampled.groups:
+        flags = [_verdict(t, reward) for t in group]
+        in_think = prompt_opens_think(group[0].prompt)  # as the math reward reads them
+        extracted = [extract_answer(t.text, in_think) for t in group]
         correct.append(flags)
         answers.append(extracted)
         majority = majority_answer(extracted)
         records.append(
             {
-                "prompt": problems.texts[i], "gold": problems.rows[i].get("answer"), "answers": extracted,
+                "prompt": group[0].prompt, "gold": group[0].row.get("answer"), "answers": extracted,
                 "correct": flags, "majority": None if majority is None else extracted[majority],
-                "completions": [c.text for c in group], "lengths": [len(c.token_ids) for c in group],
+                "completions": [t.text for t in group], "lengths": [len(t.completion_ids) for t in group],
             }
         )  # fmt: skip
     metrics = summarize(correct, answers)
-    metrics.update(length_figures(completions))
-    metrics["no_answer_frac"] = sum(a is None for group in answers for a in group) / len(completions)
+    metrics.update(length_figures(trajectories))
+    metrics["no_answer_frac"] = sum(a is None for group in answers for a in group) / len(trajectories)
     if settings["tools"]:
-        metrics["tool_call_frac"] = sum(c.tool_calls > 0 for c in completions) / len(completions)
+        metrics["tool_call_frac"] = sum(t.tool_calls > 0 for t in trajectories) / len(trajectories)
     return {
         "model": opts.model, "model_path": str(model_path), "data": opts.data, "split": opts.split,
         "problems": len(problems), "problems_unscored": sum(all(x is None for x in flags) for flags in correct),
@@ -357,12 +356,20 @@ def _eval_result(
     }  # fmt: skip
 
 
-def length_figures(completions: list[Completion]) -> dict[str, float]:
+def _verdict(t: Trajectory, reward: str) -> bool | None:
+    """Whether the accuracy reward judged the trajectory correct (its score 1.0); None when it did not score."""
+    if t.correct is not None:
+        return t.correct
+    score = t.scores.get(reward)
+    return None if score is None else score == 1.0
+
+
+def length_figures(trajectories: list[Trajectory]) -> dict[str, float]:
     """Mean length in tokens and the fraction that hit the token limit."""
-    lengths = [len(c.token_ids) for c in completions]
+    lengths = [len(t.completion_ids) for t in trajectories]
     return {
         "len_mean": sum(lengths) / len(lengths),
-        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "truncated_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
     }
 
 
@@ -392,28 +399,23 @@ def evaluate_held_out(
 ) -> tuple[dict[str, float], list[dict]]:
     """The in-run evaluation: eval/* metrics (mean accuracy = pass@1 over eval.samples each; with `tools`,
     the share of completions that call one) and records."""
-    from rl.data import sample_and_score
+    from rl.rollout import sample_and_score
 
     sampled = sample_and_score(
         eval_set, engine, scorer, list(range(len(eval_set))), params, generation=generation
     )
-    completions, scores = sampled.completions, sampled.scores
-    finite = [r for r in scores.total if r == r]
+    trajectories = sampled.trajectories
+    finite = [t.reward for t in trajectories if t.scored]
     out = {"eval/reward_mean": sum(finite) / len(finite) if finite else float("nan")}
-    out.update({f"eval/{k}": v for k, v in length_figures(completions).items()})
-    if scores.correct is not None:
-        judged = [c for c in scores.correct if c is not None]
+    out.update({f"eval/{k}": v for k, v in length_figures(trajectories).items()})
+    if sampled.scores.correct is not None:
+        judged = [t.correct for t in trajectories if t.correct is not None]
         out["eval/accuracy"] = sum(judged) / len(judged) if judged else float("nan")
     if tools:
-        out["eval/tool_call_frac"] = sum(c.tool_calls > 0 for c in completions) / len(completions)
+        out["eval/tool_call_frac"] = sum(t.tool_calls > 0 for t in trajectories) / len(trajectories)
     records = [
-        {
-            "prompt": eval_set.texts[i // params.n],
-            "completion": c.text,
-            "reward": r,
-            "length": len(c.token_ids),
-        }
-        for i, (c, r) in enumerate(zip(completions, scores.total, strict=True))
+        {"prompt": t.prompt, "completion": t.text, "reward": t.reward, "length": len(t.completion_ids)}
+        for t in trajectories
     ]
     return out, records
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from rl.trajectory import Trajectory
+
 
 def reward_metrics(rewards: torch.Tensor, valid: torch.Tensor, scores: Any) -> dict[str, float]:
     """rewards, valid: [P, G]. scores: the RewardResult of the step (per-function metrics, correctness)."""
@@ -72,12 +74,14 @@ def reflection_frac(texts: list[str], words: tuple[str, ...] | list[str] = DEFAU
 
 
 def rollout_metrics(
-    completions: list[Any], correct: list[bool | None] | None, rollout_s: float, reflection_words: list[str]
+    trajectories: list[Trajectory], judged: bool, rollout_s: float, reflection_words: list[str]
 ) -> dict[str, float]:
-    """Lengths, truncation, reflection rate and throughput of one step's completions."""
-    lengths = [len(c.token_ids) for c in completions]
-    out = length_metrics(lengths, [c.finish_reason == "length" for c in completions], correct)
-    out["rollout/reflection_frac"] = reflection_frac([c.text for c in completions], reflection_words)
+    """Lengths, truncation, reflection rate and throughput of one step's completions; `judged`: an accuracy
+    reward gave its verdicts (`Trajectory.correct`), so lengths are split by them."""
+    lengths = [len(t.completion_ids) for t in trajectories]
+    truncated = [t.finish_reason == "length" for t in trajectories]
+    out = length_metrics(lengths, truncated, [t.correct for t in trajectories] if judged else None)
+    out["rollout/reflection_frac"] = reflection_frac([t.text for t in trajectories], reflection_words)
     tokens = float(sum(lengths))
     out["perf/rollout_tokens"] = tokens
     out["perf/rollout_tok_s"] = tokens / rollout_s if rollout_s > 0 else 0.0
@@ -205,25 +209,25 @@ class UpdateAccumulator:
         return out
 
 
-def tool_metrics(completions: list[Any], correct: list[bool | None] | None) -> dict[str, float]:
+def tool_metrics(trajectories: list[Trajectory], judged: bool) -> dict[str, float]:
     """tools/*: calls per completion, the share of completions that call, failed calls, observation tokens, and
     accuracy with and without a call (rollouts/multiturn.py).
 
     Example: calls [1, 0, 2, 0], errors [0, 0, 1, 0], correct [T, F, T, T] -> calls_mean 0.75, call_frac 0.5,
     error_frac 1/3, accuracy_with_call 1.0, accuracy_without_call 0.5.
     """
-    calls = [c.tool_calls for c in completions]
-    inserted = [sum(c.tool_mask) if c.tool_mask else 0 for c in completions]
+    calls = [t.tool_calls for t in trajectories]
+    inserted = [sum(t.inserted) if t.inserted else 0 for t in trajectories]
     out = {
         "tools/calls_mean": sum(calls) / len(calls),
         "tools/call_frac": sum(n > 0 for n in calls) / len(calls),
-        "tools/error_frac": sum(c.tool_errors for c in completions) / sum(calls) if sum(calls) else 0.0,
+        "tools/error_frac": sum(t.tool_errors for t in trajectories) / sum(calls) if sum(calls) else 0.0,
         "tools/output_tokens_mean": sum(inserted) / len(inserted),
     }
-    if correct is not None:
+    if judged:
         for name, called in (("tools/accuracy_with_call", True), ("tools/accuracy_without_call", False)):
-            judged = [
-                ok for ok, n in zip(correct, calls, strict=True) if ok is not None and (n > 0) == called
+            verdicts = [
+                t.correct for t in trajectories if t.correct is not None and (t.tool_calls > 0) == called
             ]
-            out[name] = sum(judged) / len(judged) if judged else float("nan")
+            out[name] = sum(verdicts) / len(verdicts) if verdicts else float("nan")
     return out

@@ -35,6 +35,7 @@ from rl.models import (
     seed_everything,
 )
 from rl.report import plot_runs, write_samples_html
+from rl.rollout import tool_context, with_tools
 from rl.rundir import open_run_dir, plan_run
 from rl.tracking import Alarms, Console, Loggers
 from rl.update import Trainee, lr_factor
@@ -114,7 +115,7 @@ def start_run(config: Config) -> Run:
             if config.model.lora.r and resume_from:  # it started from the base weights: give it the adapters
                 engine.update_weights(policy)
             if config.tools.use:
-                engine = with_tools(engine, tokenizer, config, [train_set, eval_set])
+                engine = with_tools(engine, tokenizer, config)
         # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
         # optimizer is built on what this returns.
         trainer = dist.wrap(CompletionLogprobs(policy))
@@ -244,34 +245,6 @@ def _build_engine(
         config.rollout.engine, policy, str(policy_path), merged_weights(policy), config.rollout.engine_threads,
         config.model.compute_dtype, options,
     )  # fmt: skip
-
-
-def tool_context(config: Config) -> int:
-    """Context the observations of tool calls may take (they do not count toward max_new_tokens)."""
-    return config.tools.max_calls * config.tools.max_output_tokens if config.tools.use else 0
-
-
-def with_tools(
-    engine: RolloutEngine, tokenizer: Any, config: Config, prompt_sets: list[PromptSet | None]
-) -> RolloutEngine:
-    """The engine with multi-turn tool calls (rollouts/multiturn.py); the prompts' rows reach the tool."""
-    from rollouts.multiturn import Markers, ToolRollout
-    from rollouts.tools import Toolbox, resolve_tool
-
-    tools = config.tools
-    (spec,) = tools.use
-    toolbox = Toolbox({spec.name: resolve_tool(spec.name)}, {spec.name: dict(spec.kwargs)}, tools.timeout_s,
-                      tools.max_output_chars)  # fmt: skip
-    rows = {
-        tuple(ids): {k: row.get(k) for k in prompts.columns}
-        for prompts in prompt_sets
-        if prompts is not None
-        for ids, row in zip(prompts.ids, prompts.rows, strict=True)
-    }
-    markers = Markers(tools.call_start, tools.call_end, tools.output_start, tools.output_end)
-    return ToolRollout(
-        engine, tokenizer, toolbox, markers, tools.max_calls, lambda ids: rows.get(tuple(ids), {})
-    )
 
 
 def _optimizer(

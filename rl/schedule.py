@@ -20,10 +20,13 @@ from typing import Protocol
 
 import torch
 
-from rl.batch import Sampler, StepBatch, round_seed, sample_batch, shape_round
+from rl.batch import Groups, Sampler, StepBatch, round_seed, sample_batch, shape_round
 from rl.config import Config
+from rl.data import PromptSet
+from rl.rollout import Rollout, score, trajectory
+from rl.trajectory import Trajectory, flatten
 from rl.weights import merged_weights
-from rollouts import Completion, SamplingParams
+from rollouts import SamplingParams
 from rollouts.process_engine import ProcessEngine
 
 
@@ -63,9 +66,7 @@ class OnPolicy:
 class _Sampled:
     """A batch's first round, collected from the engine and not yet scored."""
 
-    rows: list[int]
-    version: int
-    completions: list[Completion]
+    groups: Groups
     wait_s: float
 
 
@@ -79,7 +80,7 @@ class Ahead:
         self.source, self.engine, self.config, self.params = source, engine, config, params
         self.k = config.rollout.max_staleness
         self.pending: dict[int, tuple[list[int], int]] = {}  # step -> (rows, request)
-        self.collected: dict[int, _Sampled] = {s["step"]: _restore(s) for s in saved}
+        self.collected = {s["step"]: _restore(s, source.prompts) for s in saved}
         engine.label(start_step - 1)  # the weights it was built from: the policy after start_step - 1 updates
         self._fill(start_step + self.k)
 
@@ -98,22 +99,22 @@ class Ahead:
         if step not in self.collected:
             rows, request = self.pending.pop(step)
             start = time.perf_counter()
-            version, groups = self.engine.collect(request)
-            completions = [c for group in groups for c in group]
-            self.collected[step] = _Sampled(rows, version, completions, time.perf_counter() - start)
+            version, sampled = self.engine.collect(request)
+            groups = [
+                [trajectory(self.source.prompts, row, c, version) for c in group]
+                for row, group in zip(rows, sampled, strict=True)
+            ]
+            self.collected[step] = _Sampled(groups, time.perf_counter() - start)
         return self.collected.pop(step)
 
     def batch(self, step: int) -> StepBatch:
         got = self._collect(step)
         start = time.perf_counter()
-        scores = self.source.prompts.score(self.source.scorer, got.rows, got.completions, self.params.n)
-        first = shape_round(got.rows, got.completions, scores, self.config, got.version)
+        scores = score(self.source.scorer, flatten(got.groups), self.source.prompts.columns)
+        score_s = time.perf_counter() - start
+        first = shape_round(Rollout(got.groups, scores, got.wait_s, score_s), self.config)
         return sample_batch(
-            self.source,
-            self.config,
-            self.params,
-            step,
-            prefetched=(first, (got.wait_s, time.perf_counter() - start)),
+            self.source, self.config, self.params, step, prefetched=(first, (got.wait_s, score_s))
         )
 
     def after_update(self, step: int, policy: torch.nn.Module) -> None:
@@ -127,16 +128,19 @@ class Ahead:
 
 
 def _saved(step: int, got: _Sampled) -> dict:
-    return {
-        "step": step,
-        "rows": got.rows,
-        "version": got.version,
-        "completions": [[c.token_ids, c.logprobs, c.finish_reason, c.text] for c in got.completions],
-    }
+    return {"step": step, "groups": [[t.to_dict() for t in group] for group in got.groups]}
 
 
-def _restore(saved: dict) -> _Sampled:
-    completions = [
-        Completion(list(t), list(lp), finish, text) for t, lp, finish, text in saved["completions"]
+def _restore(saved: dict, prompts: PromptSet) -> _Sampled:
+    """A saved in-flight batch; one saved before trajectories (rows and completions) is read too."""
+    if "groups" in saved:
+        return _Sampled([[Trajectory.from_dict(t) for t in group] for group in saved["groups"]], 0.0)
+    from rollouts import Completion
+
+    n = len(saved["completions"]) // len(saved["rows"])
+    completions = [Completion(list(t), list(lp), f, text) for t, lp, f, text in saved["completions"]]
+    groups = [
+        [trajectory(prompts, row, c, int(saved["version"])) for c in completions[i * n : (i + 1) * n]]
+        for i, row in enumerate(saved["rows"])
     ]
-    return _Sampled(list(saved["rows"]), int(saved["version"]), completions, 0.0)
+    return _Sampled(groups, 0.0)

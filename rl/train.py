@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rl import metrics as M
-from rl.batch import Sampler, StepBatch, rank_advantages, update_samples
+from rl.batch import Sampler, StepBatch, assign_advantages, rank_advantages
 from rl.config import Config
 from rl.cpu import CpuShare
 from rl.errors import AhaError
@@ -27,6 +27,7 @@ from rl.evaluate import eval_summary, evaluate_held_out, held_out_params
 from rl.run import GracefulStop, Run, RunStopped, finish_run, save_run_checkpoint, start_run
 from rl.schedule import Ahead, OnPolicy, Schedule
 from rl.tracking import append_jsonl, sample_records
+from rl.trajectory import flatten
 from rl.update import update_policy
 from rollouts import SamplingParams
 
@@ -64,8 +65,8 @@ def train(config: Config) -> Path:
             # ---- 4. update ----------------------------------------------------------------------------------
             t = time.perf_counter()
             run.engine.sleep()
-            samples = update_samples(batch, run.train_set, advantages)
-            update = update_policy(run.trainee, run.optimizer, run.scheduler, samples, config, run.dist)
+            trajectories = assign_advantages(batch, advantages)
+            update = update_policy(run.trainee, run.optimizer, run.scheduler, trajectories, config, run.dist)
             update_s = time.perf_counter() - t
 
             # ---- 5. sync ------------------------------------------------------------------------------------
@@ -120,14 +121,13 @@ def step_row(
     """The step's metrics (docs/metrics.md), reduced over ranks: rewards of the first sampling round,
     rollout statistics, the update's, and timings."""
     first, track = batch.first_round, run.config.track
+    sampled, judged = flatten(first.groups), first.scores.correct is not None
     row = {"step": step}
-    row.update(M.reward_metrics(first.rewards, first.scored, first.scores))
-    row.update(
-        M.rollout_metrics(first.completions, first.scores.correct, batch.rollout_s, track.reflection_words)
-    )
+    row.update(M.reward_metrics(first.tensor("reward"), first.tensor("scored"), first.scores))
+    row.update(M.rollout_metrics(sampled, judged, batch.rollout_s, track.reflection_words))
     row.update(batch.metrics(step - 1 if run.config.rollout.max_staleness else None))
     if run.config.tools.use:
-        row.update(M.tool_metrics(first.completions, first.scores.correct))
+        row.update(M.tool_metrics(sampled, judged))
     row.update(update)
     row.update(
         M.timing_metrics(
@@ -201,17 +201,9 @@ def evaluate(run: Run, evaluations: dict, when: str, row: dict, log: bool = Fals
 
 def write_samples(run: Run, step: int, batch: StepBatch) -> None:
     """Append whole groups of a few of the step's first-round prompts to samples.jsonl."""
-    sampled, group_size, prompts = batch.first_round, run.config.rollout.group_size, run.train_set
+    first = batch.first_round
     records = sample_records(
-        step,
-        [prompts.texts[r] for r in sampled.rows for _ in range(group_size)],
-        [c.text for c in sampled.completions],
-        [len(c.token_ids) for c in sampled.completions],
-        [c.finish_reason for c in sampled.completions],
-        sampled.rewards.flatten().tolist(),
-        sampled.scores.correct,
-        group_size,
-        run.config.track.samples_prompts,
+        step, first.groups, first.scores.correct is not None, run.config.track.samples_prompts,
         run.config.train.seed,
-    )
+    )  # fmt: skip
     append_jsonl(run.run_dir / "samples.jsonl", records)

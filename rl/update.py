@@ -33,28 +33,11 @@ from rl.losses import (
     top_entropy_mask,
 )
 from rl.models import autocast
+from rl.trajectory import Trajectory
 from rl.weights import is_sharded
 
 COV_FRAC = {"kl_cov": 2e-3, "clip_cov": 2e-4}
 """The fraction of tokens KL-Cov / Clip-Cov act on by default (Cui et al. 2025; verl's recipe/entropy)."""
-
-
-@dataclass
-class Sample:
-    """One completion with everything the update needs. `group` indexes the prompt within the step."""
-
-    group: int
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    rollout_logprobs: list[float]  # the engine's log-probs of completion_ids
-    advantage: float
-    trainable: bool  # False when no reward scored it (or overlong filtering dropped it): out of the loss
-    tool_mask: list[bool] | None = None  # True where a tool inserted the token: out of the loss, KL, entropy
-
-    @property
-    def model_tokens(self) -> int:
-        """The completion tokens the model sampled (those the loss counts)."""
-        return len(self.completion_ids) - (sum(self.tool_mask) if self.tool_mask else 0)
 
 
 @dataclass
@@ -169,7 +152,7 @@ def update_policy(
     model: Trainee,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    samples: list[Sample],
+    samples: list[Trajectory],
     config: Config,
     dist: Distributed,
 ) -> dict[str, float]:
@@ -218,7 +201,7 @@ def update_policy(
 
 def _backward(
     model: Trainee,
-    chunk: list[Sample],
+    chunk: list[Trajectory],
     real: bool,
     last: bool,
     old: dict[int, torch.Tensor] | None,
@@ -237,7 +220,7 @@ def _backward(
             logprobs, entropy = model.trainer(batch, temperature, with_entropy=True)  # [b, T]
         # One update per batch: the weights that sampled it are the current ones, so old log-probs equal these
         # (detached: ratio 1, gradient grad(logp) * A), and a forward is saved.
-        rollout_logprobs = _stack([torch.tensor(s.rollout_logprobs) for s in chunk], logprobs)
+        rollout_logprobs = _stack([torch.tensor(s.logprobs) for s in chunk], logprobs)
         if config.rollout.max_staleness > 0:
             old_logprobs = (
                 rollout_logprobs  # sampled ahead by older weights: the engine's are the behaviour's
@@ -271,7 +254,7 @@ def _backward(
 
 
 def old_logprobs(
-    model: Trainee, samples: list[Sample], config: Config, dist: Distributed
+    model: Trainee, samples: list[Trajectory], config: Config, dist: Distributed
 ) -> dict[int, torch.Tensor]:
     """The log-probs of the policy that sampled the batch, recorded before the first optimizer step changes it
     (needed when several optimizer steps reuse the batch). Through the trainer, and as many forwards on every
@@ -289,7 +272,7 @@ def old_logprobs(
     return old
 
 
-def split_minibatches(samples: list[Sample], count: int) -> list[list[Sample]]:
+def split_minibatches(samples: list[Trajectory], count: int) -> list[list[Trajectory]]:
     """`count` mini-batches of whole groups (no group is cut), in group order."""
     groups = max((s.group for s in samples), default=-1) + 1  # < prompts_per_step after dynamic sampling
     bounds = [k * groups // count for k in range(count + 1)]
@@ -297,8 +280,8 @@ def split_minibatches(samples: list[Sample], count: int) -> list[list[Sample]]:
 
 
 def lockstep_chunks(
-    samples: list[Sample], micro: int, dist: Distributed, filler: Sample
-) -> list[tuple[list[Sample], bool, bool]]:
+    samples: list[Trajectory], micro: int, dist: Distributed, filler: Trajectory
+) -> list[tuple[list[Trajectory], bool, bool]]:
     """(micro-batch, is it real, is it the last) in `micro_batch_order`, padded with `[filler]` repeats (real
     False: zero weight) up to the busiest rank's count, so every rank runs as many collective passes."""
     ordered = micro_batch_order(samples, micro)
@@ -308,7 +291,7 @@ def lockstep_chunks(
     return [(c, real, k == len(padded) - 1) for k, (c, real) in enumerate(padded)]
 
 
-def micro_batch_order(samples: list[Sample], micro: int) -> list[Sample]:
+def micro_batch_order(samples: list[Trajectory], micro: int) -> list[Trajectory]:
     """`samples` in the order that pads the fewest tokens when cut into micro-batches of `micro`: as they come
     (a group's samples together, so that each micro-batch runs few distinct prompts) or sorted by completion
     length (each micro-batch pads its completions to similar lengths). The loss is the same in any order (its
@@ -317,7 +300,7 @@ def micro_batch_order(samples: list[Sample], micro: int) -> list[Sample]:
     Cost of an order: over its micro-batches, the distinct prompts' tokens plus rows x longest completion.
     """
 
-    def padded_tokens(order: list[Sample]) -> int:
+    def padded_tokens(order: list[Trajectory]) -> int:
         total = 0
         for i in range(0, len(order), micro):
             chunk = order[i : i + micro]
@@ -341,18 +324,18 @@ def reference_logprobs(
         return completion_logprobs(policy, batch, temperature)[0]
 
 
-def _pack(samples: list[Sample], pad_id: int) -> PackedBatch:
+def _pack(samples: list[Trajectory], pad_id: int) -> PackedBatch:
     return pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_id)
 
 
-def _model_token_mask(chunk: list[Sample], completion_mask: torch.Tensor) -> torch.Tensor:
+def _model_token_mask(chunk: list[Trajectory], completion_mask: torch.Tensor) -> torch.Tensor:
     """[b, T] 1 for the completion tokens the model sampled: padding and tool-inserted tokens are 0."""
-    if not any(s.tool_mask for s in chunk):
+    if not any(s.inserted for s in chunk):
         return completion_mask
     inserted = torch.zeros_like(completion_mask)
     for i, s in enumerate(chunk):
-        if s.tool_mask:
-            inserted[i, : len(s.tool_mask)] = torch.tensor(s.tool_mask, dtype=inserted.dtype)
+        if s.inserted:
+            inserted[i, : len(s.inserted)] = torch.tensor(s.inserted, dtype=inserted.dtype)
     return completion_mask * (1 - inserted)
 
 

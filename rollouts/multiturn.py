@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,15 +69,21 @@ class ToolRollout:
         toolbox: Toolbox,
         markers: Markers,
         max_calls: int,
-        columns_of: Callable[[list[int]], dict],
     ) -> None:
         self.engine, self.tokenizer, self.toolbox, self.markers = engine, tokenizer, toolbox, markers
-        self.max_calls, self.columns_of = max_calls, columns_of
+        self.max_calls = max_calls
         self.shares_policy, self.batch_size = engine.shares_policy, engine.batch_size
         self.standalone, self.summary = engine.standalone, engine.summary
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        sequences = [_Sequence(list(p), self.columns_of(p)) for p in prompts for _ in range(params.n)]
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, columns: list[dict] | None = None
+    ) -> list[list[Completion]]:
+        """The protocol's `generate`; `columns[i]`: the dataset row's fields that prompt i's tool calls receive
+        (none when None)."""
+        columns = columns if columns is not None else [{} for _ in prompts]
+        sequences = [
+            _Sequence(list(p), c) for p, c in zip(prompts, columns, strict=True) for _ in range(params.n)
+        ]
         first = self._params(params, params.n, params.max_new_tokens, sequences)
         out = self.engine.generate(prompts, first)
         self._extend(sequences, [c for group in out for c in group], params.max_new_tokens)

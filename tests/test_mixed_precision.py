@@ -13,7 +13,8 @@ from rl.distributed import Distributed
 from rl.logprobs import CompletionLogprobs, HeadLogprobs
 from rl.models import prepare_for_training
 from rl.train import train
-from rl.update import Sample, Trainee, update_policy
+from rl.trajectory import Trajectory
+from rl.update import Trainee, update_policy
 from tests.conftest import build_model
 
 
@@ -36,7 +37,7 @@ def _one_update(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     generator = torch.Generator().manual_seed(0)
     samples = [
-        Sample(
+        Trajectory(
             g,
             [5, 6, 7 + g],
             torch.randint(3, 200, (6,), generator=generator).tolist(),

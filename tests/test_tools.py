@@ -144,7 +144,7 @@ def _digits(text: str) -> list[int]:
 
 def _rollout(segments, max_calls=2, tool=calculator):
     engine = Scripted(segments)
-    rollout = ToolRollout(engine, CharTokenizer(), Toolbox({"t": tool}), MARKERS, max_calls, lambda ids: {})
+    rollout = ToolRollout(engine, CharTokenizer(), Toolbox({"t": tool}), MARKERS, max_calls)
     return rollout, engine
 
 
@@ -202,9 +202,10 @@ def test_an_empty_call_is_run_and_its_error_is_the_observation():
 
 # ----------------------------------------------------------------------------------------------- update
 def test_tool_tokens_are_left_out_of_the_loss_and_its_normaliser():
-    from rl.update import Sample, _model_token_mask
+    from rl.trajectory import Trajectory
+    from rl.update import _model_token_mask
 
-    sample = Sample(0, [1], [5, 6, 7, 8], [0.0] * 4, 1.0, True, [False, True, True, False])
+    sample = Trajectory(0, [1], [5, 6, 7, 8], [0.0] * 4, 1.0, True, [False, True, True, False])
     assert sample.model_tokens == 2
     mask = _model_token_mask([sample], torch.ones(1, 5))
     assert mask.tolist() == [
@@ -214,10 +215,11 @@ def test_tool_tokens_are_left_out_of_the_loss_and_its_normaliser():
 
 def test_tool_tokens_get_no_gradient_from_the_loss_or_the_kl_and_are_never_picked_as_high_entropy():
     from rl.config import load_config
-    from rl.update import MicroBatch, Sample, _model_token_mask, micro_batch_loss
+    from rl.trajectory import Trajectory
+    from rl.update import MicroBatch, _model_token_mask, micro_batch_loss
 
     # one completion of 4 tokens, the middle two inserted by a tool; wildly off log-probs and entropies there
-    sample = Sample(0, [1], [5, 6, 7, 8], [0.0] * 4, 1.0, True, [False, True, True, False])
+    sample = Trajectory(0, [1], [5, 6, 7, 8], [0.0] * 4, 1.0, True, [False, True, True, False])
     mask = _model_token_mask([sample], torch.ones(1, 4))  # [1, 4]
     logprobs = torch.tensor([[-1.0, -9.0, -9.0, -1.0]], requires_grad=True)
     mb = MicroBatch(
@@ -308,7 +310,7 @@ def test_a_call_starts_as_its_sample_stops_while_the_others_still_decode():
             started_while_busy.append(engine.busy)
             return super().start(call, columns)
 
-    rollout = ToolRollout(engine, CharTokenizer(), Recording({"t": calculator}), MARKERS, 2, lambda ids: {})
+    rollout = ToolRollout(engine, CharTokenizer(), Recording({"t": calculator}), MARKERS, 2)
     got = rollout.generate([[7], [8]], SamplingParams(n=1, max_new_tokens=20))
     assert started_while_busy == [True]  # started by on_stop, inside the engine's generate, once
     want = _rollout([list(s) for s in segments])[0].generate(
@@ -354,9 +356,7 @@ def test_the_transformers_engine_reports_each_stop_as_it_happens_and_rollouts_do
     prompts = [tokenizer.encode(row["prompt"]) for row in rows]
     sampling = SamplingParams(n=8, max_new_tokens=48, temperature=1.0, seed=3)
     runs = [
-        ToolRollout(e, tokenizer, Toolbox({"calculator": calculator}), markers, 2, lambda ids: {}).generate(
-            prompts, sampling
-        )
+        ToolRollout(e, tokenizer, Toolbox({"calculator": calculator}), markers, 2).generate(prompts, sampling)
         for e in (engine, Batched())
     ]
     streamed, batched = ([(c.token_ids, c.tool_mask, c.tool_calls) for g in run for c in g] for run in runs)

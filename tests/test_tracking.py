@@ -15,13 +15,7 @@ import torch
 from rl.metrics import UpdateAccumulator, length_metrics, reflection_frac, reward_metrics, rollout_metrics
 from rl.report import plot_runs, select_samples, write_samples_html
 from rl.tracking import Alarms, Loggers, sample_records
-
-
-@dataclass
-class FakeCompletion:  # the protocol's Completion fields the metrics read
-    token_ids: list[int]
-    finish_reason: str
-    text: str
+from rl.trajectory import Trajectory
 
 
 @dataclass
@@ -52,8 +46,11 @@ def test_reflection_rate_counts_whole_words_case_insensitively():
 
 
 def test_rollout_metrics_include_reflection_and_throughput():
-    comps = [FakeCompletion([1, 2], "stop", "wait"), FakeCompletion([1, 2, 3, 4], "length", "no")]
-    got = rollout_metrics(comps, [True, False], rollout_s=2.0, reflection_words=["wait"])
+    trajectories = [
+        Trajectory(0, [9], [1, 2], [0.0] * 2, text="wait", finish_reason="stop", correct=True),
+        Trajectory(0, [9], [1, 2, 3, 4], [0.0] * 4, text="no", finish_reason="length", correct=False),
+    ]
+    got = rollout_metrics(trajectories, True, rollout_s=2.0, reflection_words=["wait"])
     assert got["rollout/reflection_frac"] == 0.5
     assert got["perf/rollout_tok_s"] == 3.0
     assert got["rollout/truncated_frac"] == 0.5
@@ -187,10 +184,16 @@ def _fake_run(tmp_path, name="run", steps=6):
                 )
                 + "\n"
             )
-    records = sample_records(
-        3, ["p1", "p1", "p2", "p2"], ["good <b>", "bad", "x", "y"], [3, 1, 2, 2], ["stop"] * 4,
-        [1.0, 0.0, 0.0, 0.5], [True, False, False, None], group_size=2, num_prompts=2, seed=0,
-    )  # fmt: skip
+    texts, rewards, verdicts = ["good <b>", "bad", "x", "y"], [1.0, 0.0, 0.0, 0.5], [True, False, False, None]
+    groups = [
+        [
+            Trajectory(0, [9], [1] * (3 - 2 * i if g == 0 else 2), [], prompt=f"p{g + 1}", text=texts[2 * g + i],
+                       reward=rewards[2 * g + i], correct=verdicts[2 * g + i])
+            for i in range(2)
+        ]
+        for g in range(2)
+    ]  # fmt: skip
+    records = sample_records(3, groups, True, num_prompts=2, seed=0)
     (run / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     return run
 

@@ -9,13 +9,14 @@ import torch
 from rl.config import load_config
 from rl.distributed import Distributed
 from rl.logprobs import CompletionLogprobs
-from rl.update import Sample, Trainee, micro_batch_order, update_policy
+from rl.trajectory import Trajectory
+from rl.update import Trainee, micro_batch_order, update_policy
 from tests.conftest import assert_close_float32
 
 
-def _sample(group: int, prompt: list[int], length: int, advantage: float = 1.0) -> Sample:
+def _sample(group: int, prompt: list[int], length: int, advantage: float = 1.0) -> Trajectory:
     completion = [10 + (group * 7 + length + k) % 40 for k in range(length)]
-    return Sample(group, prompt, completion, [0.0] * length, advantage, True)
+    return Trajectory(group, prompt, completion, [0.0] * length, advantage, True)
 
 
 def test_micro_batch_order_sorts_by_length_only_when_that_pads_fewer_tokens():

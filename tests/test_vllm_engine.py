@@ -373,8 +373,7 @@ def test_multi_turn_tool_rollouts_equal_the_transformers_engines_to_the_token(en
         markers = Markers(start, end, "<<", ">>")
         params = SamplingParams(n=1, max_new_tokens=24, temperature=0.0)
         rollouts = [
-            ToolRollout(e, tok, toolbox, markers, 2, lambda ids: {})
-            for e in (engine, TransformersEngine(policy, tok))
+            ToolRollout(e, tok, toolbox, markers, 2) for e in (engine, TransformersEngine(policy, tok))
         ]
         got, want = ([g[0] for g in r.generate(_prompt_ids(tok), params)] for r in rollouts)
         for g, w in zip(got, want, strict=True):

@@ -1,0 +1,160 @@
+"""The rollout stage: rows of a prompt set -> trajectories (rl/trajectory.py) -> scored trajectories.
+
+    generate           G completions of each row from the engine, as groups of trajectories; each row's
+                       columns go with its own request (a tool sees the row it was called for, even where two
+                       rows share a prompt)
+    score              the reward functions over trajectories: each one's scores, the total, the verdict
+    sample_and_score   both: the one path of a training round, the in-run evaluation and `aha eval`
+    with_tools         the engine with multi-turn tool calls, as the config's `tools` section says
+
+Used by the training loop (rl/batch.py, rl/schedule.py), rl/run.py and rl/evaluate.py; it imports neither of
+the last two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rewards import RewardResult, RewardScorer
+from rl.data import PromptSet
+from rl.trajectory import Trajectory, flatten
+from rollouts.base import Completion, RolloutEngine, SamplingParams
+from rollouts.multiturn import ToolRollout
+
+if TYPE_CHECKING:
+    from rl.config import Config
+
+
+def trajectory(
+    prompts: PromptSet, row: int, completion: Completion, version: int | None = None
+) -> Trajectory:
+    """A fresh (unscored) trajectory of row `row` from the engine's completion."""
+    return Trajectory(
+        group=0,
+        prompt_ids=prompts.ids[row],
+        completion_ids=completion.token_ids,
+        logprobs=completion.logprobs,
+        inserted=completion.tool_mask,
+        row_index=row,
+        row=prompts.rows[row],
+        prompt=prompts.texts[row],
+        text=completion.text,
+        finish_reason=completion.finish_reason,
+        version=version,
+        turns=1 + completion.tool_calls,
+        tool_calls=completion.tool_calls,
+        tool_errors=completion.tool_errors,
+    )
+
+
+def columns(prompts: PromptSet, row: int) -> dict[str, Any]:
+    """The fields of a row that reward functions and tools receive: every field but the prompt."""
+    return {k: prompts.rows[row].get(k) for k in prompts.columns}
+
+
+def _engine_generate(
+    engine: RolloutEngine, prompts: PromptSet, rows: list[int], params: SamplingParams
+) -> list[list[Completion]]:
+    ids = [prompts.ids[r] for r in rows]
+    if isinstance(engine, ToolRollout):  # its tools are called with each row's own columns
+        return engine.generate(ids, params, [columns(prompts, r) for r in rows])
+    return engine.generate(ids, params)
+
+
+def generate(
+    prompts: PromptSet,
+    engine: RolloutEngine,
+    rows: list[int],
+    params: SamplingParams,
+    *,
+    per_call: int | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> list[list[Trajectory]]:
+    """`params.n` trajectories of each of `rows`, one group per row. `per_call` rows go to the engine at a
+    time (None: all in one call), the seed moved on by each call's offset, so row i keeps the stream
+    `seed + i` the protocol promises; `advance(n)` hears of each call's n rows (a progress bar)."""
+    groups: list[list[Trajectory]] = []
+    step = per_call or max(len(rows), 1)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        seed = None if params.seed is None else params.seed + start
+        sampled = _engine_generate(engine, prompts, part, dataclasses.replace(params, seed=seed))
+        groups += [[trajectory(prompts, r, c) for c in group] for r, group in zip(part, sampled, strict=True)]
+        if advance is not None:
+            advance(len(part))
+    return groups
+
+
+def score(scorer: RewardScorer, trajectories: list[Trajectory], names: list[str]) -> RewardResult:
+    """Score trajectories with the reward functions (TRL's contract: prompts, completions, a list per column
+    in `names`); fills each one's `scores`, `reward` (the weighted total) and `correct`."""
+    result = scorer(
+        [t.prompt for t in trajectories],
+        [t.text for t in trajectories],
+        {k: [t.row.get(k) for t in trajectories] for k in names},
+    )
+    for i, t in enumerate(trajectories):
+        t.scores = {name: values[i] for name, values in result.per_function.items()}
+        t.reward = result.total[i]
+        t.correct = None if result.correct is None else result.correct[i]
+    return result
+
+
+@dataclass
+class Rollout:
+    """Trajectories of some rows, scored, with the reward result (its metrics) and the seconds each part took."""
+
+    groups: list[list[Trajectory]]  # [P][G]
+    scores: RewardResult
+    sample_s: float
+    score_s: float
+
+    @property
+    def trajectories(self) -> list[Trajectory]:
+        return flatten(self.groups)
+
+
+def sample_and_score(
+    prompts: PromptSet,
+    engine: RolloutEngine,
+    scorer: RewardScorer,
+    rows: list[int],
+    params: SamplingParams,
+    *,
+    generation: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    per_call: int | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> Rollout:
+    """`generate` inside `generation()` (the loop's: a sharded policy gathered whole, mixed precision), then
+    `score`."""
+    start = time.perf_counter()
+    with generation():
+        groups = generate(prompts, engine, rows, params, per_call=per_call, advance=advance)
+    sample_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = score(scorer, flatten(groups), prompts.columns)
+    return Rollout(groups, result, sample_s, time.perf_counter() - start)
+
+
+def tool_context(config: Config) -> int:
+    """Context the observations of tool calls may take (they do not count toward max_new_tokens)."""
+    return config.tools.max_calls * config.tools.max_output_tokens if config.tools.use else 0
+
+
+def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRollout:
+    """The engine with multi-turn tool calls (rollouts/multiturn.py)."""
+    from rollouts.multiturn import Markers
+    from rollouts.tools import Toolbox, resolve_tool
+
+    tools = config.tools
+    (spec,) = tools.use
+    toolbox = Toolbox({spec.name: resolve_tool(spec.name)}, {spec.name: dict(spec.kwargs)}, tools.timeout_s,
+                      tools.max_output_chars)  # fmt: skip
+    markers = Markers(tools.call_start, tools.call_end, tools.output_start, tools.output_end)
+    return ToolRollout(engine, tokenizer, toolbox, markers, tools.max_calls)
