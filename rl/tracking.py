@@ -59,6 +59,9 @@ class Alarms:
     nonfinite_loss   the loss or the gradient was NaN/inf (the update was skipped)
     unscored         a reward function returned None for every completion of the step (said at once, and
                      again only after it has scored something in between)
+    reward_failed    every call of a reward failed this step (raised or timed out: its error_frac plus
+                     timeout_frac is 1), named with its first error (said at once, again only after a step
+                     in which it scored); it is not also said to be unscored
     """
 
     max_new_tokens: int
@@ -69,20 +72,26 @@ class Alarms:
     _zero_run: int = 0
     _collapse_run: int = 0
     _unscored: tuple[str, ...] = ()
+    _failed: tuple[str, ...] = ()
 
     def state_dict(self) -> dict:
         return {
             "zero_run": self._zero_run,
             "collapse_run": self._collapse_run,
             "unscored": list(self._unscored),
+            "failed": list(self._failed),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self._zero_run, self._collapse_run = state["zero_run"], state["collapse_run"]
         self._unscored = tuple(state.get("unscored", ()))
+        self._failed = tuple(state.get("failed", ()))
 
-    def check(self, row: dict[str, float]) -> list[str]:
-        messages = self._check_unscored(row)
+    def check(self, row: dict[str, float], reward_errors: dict[str, str] | None = None) -> list[str]:
+        """Messages for the alarms `row` sets off; `reward_errors`: each failing reward's first error
+        (`RewardResult.errors`), quoted by `reward_failed`."""
+        messages = self._check_failed(row, reward_errors or {})
+        messages += self._check_unscored(row)
         all_zero = row.get("reward/mean") == 0 and row.get("reward/std") == 0
         self._zero_run = self._zero_run + 1 if all_zero else 0
         if self._zero_run >= self.zero_reward_steps:
@@ -116,12 +125,33 @@ class Alarms:
             )
         return messages
 
+    def _check_failed(self, row: dict[str, float], reward_errors: dict[str, str]) -> list[str]:
+        """Rewards whose every call failed this step: `reward/<name>/error_frac` + `/timeout_frac` of 1."""
+        failed = {}  # name -> (error_frac, timeout_frac)
+        for key, value in row.items():
+            if key.startswith("reward/") and key.endswith("/error_frac"):
+                name = key.removeprefix("reward/").removesuffix("/error_frac")
+                timed_out = row.get(f"reward/{name}/timeout_frac", 0.0)
+                if value + timed_out >= 1.0 - 1e-9:  # the two fractions of one step's samples
+                    failed[name] = (value, timed_out)
+        new, self._failed = [n for n in failed if n not in self._failed], tuple(failed)
+        if failed:
+            row["alarm/reward_failed"] = 1.0
+        return [
+            f"reward {name} failed every call of step {int(row['step'])} ({failed[name][0]:.0%} raised, "
+            f"{failed[name][1]:.0%} timed out); first error: {reward_errors.get(name, 'not reported')}. Its "
+            "samples score None (or 0 with on_error: zero): fix the function or what it calls, or raise its "
+            "timeout_s"
+            for name in new
+        ]
+
     def _check_unscored(self, row: dict[str, float]) -> list[str]:
-        """Rewards that scored nothing this step: `reward/<name>/none_frac` of 1."""
+        """Rewards that scored nothing this step: `reward/<name>/none_frac` of 1 (not those that failed)."""
         names = tuple(
-            key.removeprefix("reward/").removesuffix("/none_frac")
+            name
             for key, value in row.items()
             if key.startswith("reward/") and key.endswith("/none_frac") and value == 1.0
+            if (name := key.removeprefix("reward/").removesuffix("/none_frac")) not in self._failed
         )
         new, self._unscored = [n for n in names if n not in self._unscored], names
         if names:

@@ -156,7 +156,7 @@ def end_of_step(
     last = step == config.train.steps
     if last or (config.eval.every and step % config.eval.every == 0):
         evaluate(run, evaluations, "after", row)
-    for message in run.alarms.check(row):
+    for message in run.alarms.check(row, batch.first_round.scores.errors):
         run.console.message(f"alarm: {message}", style="bold red")
     if (step % config.track.samples_every == 0 or last) and run.dist.is_main:
         write_samples(run, step, batch)
