@@ -18,7 +18,9 @@ unclosed fence (a truncated completion) does not count. ``tests`` may be:
   trailing blank lines ignored).
 
 Options: ``all_or_nothing``, ``timeout`` (wall seconds per program), ``memory_mb``, ``workers`` (programs run
-at once; default one per core), ``unsandboxed`` (run without bwrap; see the sandbox docstring).
+at once; default one per core), ``read_only_paths`` (host paths the programs may also read, e.g. data files a
+task opens; everything under them can end up in the programs' output: see the sandbox docstring),
+``unsandboxed`` (run without bwrap; see the sandbox docstring).
 
 Example: ``code_reward(["Q"], ["```python\\ndef f(x):\\n    return 2 * x\\n```"], tests=["assert f(2) == 4"])``
 -> ``[1.0]``.
@@ -31,12 +33,14 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from rewards.registry import RewardError, register_reward
-from rewards.sandbox import Limits, check_sandbox, run_python
+from rewards.sandbox import Limits, RunResult, check_sandbox, run_python
 from rewards.text import as_text
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -127,10 +131,10 @@ def outputs_match(actual: str, expected: str) -> bool:
     return norm(actual) == norm(expected)
 
 
-def _passed_asserts(code: str, suite: TestSuite, limits: Limits, sandboxed: bool) -> int:
+def _passed_asserts(code: str, suite: TestSuite, limits: Limits, run: Callable[..., RunResult]) -> int:
     token = secrets.token_hex(16)  # the program never sees it after the runner read it from stdin
     files = {"solution.py": code.encode(errors="replace"), "tests.json": json.dumps(suite.steps).encode()}
-    result = run_python(files, "asserts", (token + "\n").encode(), limits, sandboxed=sandboxed)
+    result = run(files, "asserts", (token + "\n").encode(), limits)
     passed = set()
     for line in result.stdout.decode(errors="replace").splitlines():
         parts = line.split()
@@ -139,16 +143,17 @@ def _passed_asserts(code: str, suite: TestSuite, limits: Limits, sandboxed: bool
     return len(passed & set(range(suite.n_cases)))
 
 
-def _passed_stdio(code: str, case: tuple[str, str], limits: Limits, sandboxed: bool) -> int:
+def _passed_stdio(code: str, case: tuple[str, str], limits: Limits, run: Callable[..., RunResult]) -> int:
     stdin, expected = case
     files = {"solution.py": code.encode(errors="replace")}
-    result = run_python(files, "stdio", stdin.encode(errors="replace"), limits, sandboxed=sandboxed)
+    result = run(files, "stdio", stdin.encode(errors="replace"), limits)
     ok = result.returncode == 0 and outputs_match(result.stdout.decode(errors="replace"), expected)
     return int(ok)
 
 
 def _preflight(options: dict[str, Any]) -> None:
-    check_sandbox(unsandboxed=bool(options.get("unsandboxed", False)))
+    unsandboxed = bool(options.get("unsandboxed", False))
+    check_sandbox(unsandboxed=unsandboxed, read_only_paths=options.get("read_only_paths"))
 
 
 @register_reward("code", accuracy=True, preflight=_preflight)
@@ -162,6 +167,7 @@ def code_reward(
     timeout: float = 10.0,
     memory_mb: int = 1024,
     workers: int | None = None,
+    read_only_paths: list[str] | None = None,
     **columns,
 ) -> list[float | None]:
     """Fraction of ``tests`` cases each completion's code passes (see the module docstring)."""
@@ -169,9 +175,9 @@ def code_reward(
         raise RewardError(
             f"the code reward needs a 'tests' column in the dataset; got columns: {sorted(columns)}"
         )
-    check_sandbox(unsandboxed)
+    check_sandbox(unsandboxed, read_only_paths=read_only_paths)
     limits = Limits(timeout_s=timeout, memory_mb=memory_mb)
-    sandboxed = not unsandboxed
+    run = partial(run_python, sandboxed=not unsandboxed, read_only_paths=read_only_paths)
     scores: list[float | None] = [None] * len(completions)
     jobs = []  # (sample, function, args)
     suites = [parse_tests(t) for t in tests]
@@ -183,9 +189,9 @@ def code_reward(
         if code is None or suite.n_cases == 0:
             continue
         if suite.cases:
-            jobs += [(i, _passed_stdio, (code, case, limits, sandboxed)) for case in suite.cases]
+            jobs += [(i, _passed_stdio, (code, case, limits, run)) for case in suite.cases]
         else:
-            jobs.append((i, _passed_asserts, (code, suite, limits, sandboxed)))
+            jobs.append((i, _passed_asserts, (code, suite, limits, run)))
     passed = [0] * len(completions)
     if jobs:
         with ThreadPoolExecutor(

@@ -8,22 +8,45 @@ scores them.
 
 What the sandbox covers (each property has a hostile test in ``tests/test_sandbox.py``):
 
-- **Host files are read-only.** The program sees ``/`` as a read-only bind mount; it can write only a
-  private ``/tmp`` (a size-capped tmpfs that disappears with it; ``/dev/shm`` likewise). ``/root``,
-  ``/home``, ``$HOME``, the trainer's working directory and ``/run`` are replaced by empty read-only
-  directories (one under ``/tmp`` needs no such cover: the private ``/tmp`` hides it).
-- **The interpreter is bound back, and nothing more.** Where the interpreter's prefixes, executable or
-  site-packages lie under ``/tmp`` (a virtual environment there, common on CI machines) or a hidden
-  directory (``/root/.pyenv``, ``~/venv``), exactly those paths are bound back in, read-only, after the
-  private ``/tmp`` and the empty directories are mounted: the rest of the real ``/tmp`` or the home stays
-  out of sight, and a hidden directory inside a bound path (a working directory inside the virtual
-  environment) is hidden again. An interpreter that needs a hidden directory itself (a virtual
-  environment that *is* the working directory, or ``/tmp``) is refused with an error.
+- **Only an allowlist of host files shows, read-only.** The program starts from bwrap's empty root and
+  sees (``mounted_paths()`` lists them for an interpreter):
+
+  - the system's software: ``/usr``, and ``/bin``, ``/sbin``, ``/lib``, ``/lib32``, ``/lib64``,
+    ``/libx32`` where the host has them (a symlink such as ``/bin -> usr/bin`` stays a symlink);
+  - in ``/etc``, only ``ld.so.cache`` (the dynamic loader's index of shared libraries) and ``localtime``
+    (the time zone) from the host, and ``passwd``, ``group``, ``hosts`` and ``nsswitch.conf`` written for
+    the sandbox (its own user and group, ``localhost``, files only: no DNS);
+  - the interpreter: its prefixes, executable and site-packages, wherever they live (a virtual
+    environment under ``/tmp`` or ``~/venv``, ``/root/.pyenv``, a conda prefix in ``/opt``);
+  - ``/dev``'s minimal nodes (``null``, ``zero``, ``random``, ``urandom``, ``tty``, ``pts``...), its own
+    ``/proc`` (its PID namespace's), and a private ``/tmp`` and ``/dev/shm``: size-capped tmpfs, the
+    only places it can write (``/`` and ``/dev`` are remounted read-only), gone with it;
+  - the paths the user adds with ``read_only_paths`` (below).
+
+  Nothing else of the host: no ``/opt``, ``/srv``, ``/var``, ``/mnt``, ``/sys``, ``/boot``, no other
+  ``/etc`` file (``/etc/shadow`` included), no homes, no working directory, no ``/run``. Directories that
+  lead to a mounted path exist, empty (``/root`` holds only ``.pyenv/versions/3.11.7`` when that is the
+  interpreter). Homes, the trainer's working directory and ``/run`` that lie *inside* a mounted path (a
+  working directory ``/usr/src/app``, or inside a virtual environment) are covered again by an empty
+  read-only directory, and an interpreter path inside such a cover is bound again on top of it: exactly
+  that path shows. An interpreter that needs one of them itself (a virtual environment that *is* the
+  working directory, or ``/tmp``) is refused with an error. bwrap gets its options through ``--args FD``,
+  so ``/proc/1/cmdline`` does not list them.
+- **Adding a path a task needs: ``read_only_paths``** (a kwarg of the code reward and of the ``python``
+  tool: ``kwargs: {read_only_paths: [/data/fixtures]}``). Each path, a directory or a file, shows
+  read-only at the same place; a relative path is taken from the trainer's working directory; one that
+  does not exist is an error (at start-up for the code reward, on each call for the tool). Homes, the
+  working directory and ``/run`` inside it stay covered unless named themselves. **Warning:** a program
+  can read everything under these paths and print it, and what it prints becomes reward feedback, tool
+  observations in the model's context, and text in sample logs and training data. Add only data you
+  would publish; never a directory holding keys, tokens, ``.env`` files or credentials
+  (``read_only_paths: [/]`` brings back the whole host, homes and working directory still covered).
 - **No capabilities.** bwrap drops every capability (``--cap-drop ALL``), and ``--disable-userns`` (bwrap
   0.8+) runs the program in a nested user namespace where its mounts are locked; seccomp denies
   ``unshare``/``setns``, so it cannot make a user namespace to get capabilities back. Either of the first
-  two stops a remount of ``/`` read-write; with neither (the plain ``bwrap --ro-bind / / --unshare-all``
-  command, run as root) a program *can* remount ``/`` read-write and write to the host: measured here.
+  two stops a remount of a bound directory read-write; with neither (the plain ``bwrap --ro-bind / /
+  --unshare-all`` command, run as root) a program *can* remount ``/`` read-write and write to the host:
+  measured here.
 - **No network.** A new, empty network namespace: no interfaces but its own loopback.
 - **No new processes.** A seccomp filter denies ``fork``, ``vfork``, ``clone3`` and ``clone`` without
   ``CLONE_THREAD`` (threads still work). This is what stops a fork bomb when the trainer runs as root,
@@ -42,9 +65,11 @@ What the sandbox covers (each property has a hostile test in ``tests/test_sandbo
 What it does **not** cover:
 
 - Kernel exploits: bwrap relies on the kernel's namespaces and seccomp; a kernel bug can break out.
-- Reading host files outside the hidden directories that the sandbox's user may read (``/etc``,
-  ``/usr``, ``/opt``, ``/var``, other mounted data). Keep secrets in the hidden directories, and not in
-  the interpreter's installation (its prefixes and site-packages are readable wherever they live).
+- Reading what the allowlist shows: everything under ``/usr`` (software, but also whatever an admin put
+  in ``/usr/local``), the interpreter's installation (its prefixes and site-packages, wherever they
+  live: keep no secrets in a virtual environment or conda prefix), the ``read_only_paths``, and what
+  ``/proc`` shows of the machine (``/proc/cpuinfo``, ``/proc/meminfo``, the kernel's version; its own
+  mount table names the mounted paths).
 - Side channels and timing, CPU contention with the trainer (bound it with ``workers``).
 - Tampering with the test harness from inside the program's own interpreter. Assert tests run in the
   solution's process (they call its functions), so a program written to subvert them (walking stack
@@ -83,6 +108,7 @@ INSTALL_HINT = (
     "code reward in the recipe."
 )
 _RUNNER = (Path(__file__).with_name("_sandbox_runner.py")).read_bytes()
+Paths = str | list[str] | tuple[str, ...] | None  # the read_only_paths option: a list, or one path
 _INSIDE = "/tmp/.aha"  # where the runner, solution and tests are mounted read-only inside the sandbox
 _ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -135,10 +161,11 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
-def check_sandbox(unsandboxed: bool = False, python: str | None = None) -> None:
+def check_sandbox(unsandboxed: bool = False, python: str | None = None, read_only_paths: Paths = ()) -> None:
     """Raise RewardError (with install instructions) when code cannot be sandboxed and the recipe did not
     opt into unsandboxed mode; warn when it did. ``python`` is the interpreter the programs will run with
-    (default ``sys.executable``), as for ``run_python``."""
+    (default ``sys.executable``) and ``read_only_paths`` the host paths they may also read, as for
+    ``run_python``; one that does not exist is an error."""
     if unsandboxed:
         warnings.warn(
             "code reward: running model-written programs WITHOUT a sandbox (unsandboxed: true). Only rlimits, "
@@ -148,15 +175,22 @@ def check_sandbox(unsandboxed: bool = False, python: str | None = None) -> None:
         return
     if bwrap_path() is None:
         raise RewardError(f"bwrap not found. {INSTALL_HINT}")
-    _smoke_test(python or sys.executable)
+    _smoke_test(python or sys.executable, _absolute_paths(read_only_paths))
 
 
 @cache
-def _smoke_test(python: str) -> None:
-    """Run one trivial program in the sandbox, once per process and interpreter: a bwrap that cannot start
-    here (no user namespaces, an AppArmor policy) or cannot start the interpreter must fail loudly now, not
-    score every program 0.0 later."""
-    result = run_python({"solution.py": b"print('ok')"}, "stdio", b"", Limits(timeout_s=60), python=python)
+def _smoke_test(python: str, read_only_paths: tuple[str, ...] = ()) -> None:
+    """Run one trivial program in the sandbox, once per process, interpreter and set of extra paths: a bwrap
+    that cannot start here (no user namespaces, an AppArmor policy), cannot start the interpreter or cannot
+    mount a path must fail loudly now, not score every program 0.0 later."""
+    result = run_python(
+        {"solution.py": b"print('ok')"},
+        "stdio",
+        b"",
+        Limits(timeout_s=60),
+        python=python,
+        read_only_paths=read_only_paths,
+    )
     if result.returncode != 0 or result.stdout != b"ok\n":
         raise RewardError(_smoke_test_error(result, python))
 
@@ -189,8 +223,8 @@ def _smoke_test_error(result: RunResult, python: str) -> str:
     if any("execvp" in line for line in bwrap_errors):
         return (
             f"code sandbox: bwrap could not start the Python interpreter {python} inside the sandbox: "
-            f"{detail}\nInside, /tmp is private and /root, /home, $HOME, the working directory and /run are "
-            "hidden; only the interpreter's prefixes, executable and site-packages are bound back."
+            f"{detail}\nInside, only /usr (with /bin, /lib...), a few /etc files, a private /tmp and the "
+            "interpreter's prefixes, executable and site-packages are visible."
         )
     if any(_NAMESPACE_ERRORS.search(line) for line in bwrap_errors):
         return (
@@ -212,9 +246,10 @@ def _bwrap_features() -> frozenset[str]:
     return frozenset(opt for opt in ("--disable-userns", "--size") if opt in out.stdout + out.stderr)
 
 
-# --- the bwrap command line ---------------------------------------------------------------------------------
+# --- what the program sees ---------------------------------------------------------------------------------
 
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev")
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # the system's software
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")  # read by the dynamic loader and by time.localtime()
 _PRIVATE_DIRS = ("/tmp", "/dev/shm")  # each a fresh tmpfs inside the sandbox: nothing of the host's shows
 
 
@@ -227,26 +262,38 @@ def _outermost(paths: list[str]) -> list[str]:
     return sorted({p for p in paths if not any(_is_under(p, o) and p != o for o in paths)})
 
 
+def _etc_data() -> dict[str, bytes]:
+    """The /etc files written for the sandbox instead of bound from the host: names for the program's own
+    user and group (``pwd``, ``getpass`` and ``tarfile`` look them up; bwrap maps the trainer's ids to
+    themselves), ``localhost``, and a name-service configuration that reads only these files (no DNS, no
+    host daemons). Example: run as root, ``/etc/passwd`` holds ``root`` and ``nobody``, both at ``/tmp``."""
+    uid, gid, nologin = os.getuid(), os.getgid(), "/usr/sbin/nologin"
+    passwd = [f"root:x:0:0:root:/tmp:{nologin}", f"nobody:x:65534:65534:nobody:/nonexistent:{nologin}"]
+    group = ["root:x:0:", "nogroup:x:65534:"]
+    if uid not in (0, 65534):
+        passwd.append(f"sandbox:x:{uid}:{gid}:sandbox:/tmp:{nologin}")
+    if gid not in (0, 65534):
+        group.append(f"sandbox:x:{gid}:")
+    files = {
+        "/etc/passwd": passwd,
+        "/etc/group": group,
+        "/etc/hosts": ["127.0.0.1 localhost sandbox", "::1 localhost ip6-localhost ip6-loopback"],
+        "/etc/nsswitch.conf": ["passwd: files", "group: files", "shadow: files", "hosts: files"],
+    }
+    return {path: "".join(line + "\n" for line in lines).encode() for path, lines in files.items()}
+
+
 def _hide_candidates() -> list[str]:
     """Homes, the trainer's working directory (where configs and ``.env`` files live) and ``/run``
-    (container secrets), resolved; system directories and ``/`` are never hidden."""
+    (container secrets), resolved. None of them is mounted; one that lies inside a mounted directory
+    (``/usr/src/app``, a working directory inside a virtual environment) is hidden again. ``/`` and a
+    directory that holds a system directory are never hidden."""
     out = []
     for d in ["/root", "/home", os.path.expanduser("~"), os.getcwd(), "/run"]:
         d = os.path.realpath(d)
-        if (
-            d != "/"
-            and os.path.isdir(d)
-            and not any(_is_under(d, s) or _is_under(s, d) for s in _SYSTEM_DIRS)
-        ):
+        if os.path.isdir(d) and not any(_is_under(s, d) for s in _SYSTEM_DIRS):
             out.append(d)
     return sorted(set(out))
-
-
-def hidden_dirs() -> list[str]:
-    """Host directories replaced by empty read-only ones inside the sandbox: homes, the trainer's working
-    directory and ``/run``. One under ``/tmp`` or ``/dev/shm`` is left out: the sandbox's private tmpfs
-    there already hides it (and a read-only one over ``/tmp`` would leave the program nowhere to write)."""
-    return _outermost([d for d in _hide_candidates() if not any(_is_under(d, p) for p in _PRIVATE_DIRS)])
 
 
 _PYTHON_PATHS = """
@@ -277,43 +324,88 @@ def _python_paths(python: str) -> list[str]:
     return sorted({q for p in paths for q in (p, os.path.realpath(p))})
 
 
-def _mount_args(python: str) -> list[str]:
-    """Hide homes, the working directory and ``/run``; bind the interpreter's paths back read-only where
-    they lie under those or the private ``/tmp``/``/dev/shm`` (only those paths: nothing else of the real
-    ``/tmp`` or a home shows); then hide again any such directory that lies inside a bound path."""
-    hidden = hidden_dirs()
-    hide = [*_PRIVATE_DIRS, *_hide_candidates()]
-    needed = [p for p in _python_paths(python) if any(_is_under(p, h) for h in hide)]
-    binds = _outermost(needed)
-    rehide = [d for d in hide if any(_is_under(d, b) and d != b for b in binds)]
-    clash = [p for p in needed if p in hide or any(_is_under(p, d) for d in rehide)]
+def _absolute_paths(paths: Paths) -> tuple[str, ...]:
+    """A user's extra read-only paths (the ``read_only_paths`` option: a list, or one path), absolute (a
+    relative one is taken from the trainer's working directory); RewardError for one that does not exist.
+
+    Example: ``_absolute_paths("data/fixtures")`` -> ``("/home/me/project/data/fixtures",)``."""
+    paths = [paths] if isinstance(paths, str) else list(paths or ())
+    out = tuple(os.path.abspath(os.path.expanduser(str(p))) for p in paths)
+    missing = [p for p in out if not os.path.exists(p)]
+    if missing:
+        raise RewardError(f"code sandbox: read_only_paths names {missing[0]}, which does not exist")
+    return out
+
+
+def _shown_paths(python: str, extra: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The host paths bound in read-only besides the system's (the interpreter's, then ``extra``: the
+    user's), and the hidden directories that lie inside a mounted one, to cover again with an empty tmpfs.
+    A path that lies in such a directory is bound again on top, so exactly it shows and nothing else."""
+    hide = _hide_candidates()
+    needed = _python_paths(python)
+    clash = [p for p in needed if p in hide or p in _PRIVATE_DIRS]
     if clash:
         raise RewardError(
-            f"code sandbox: the Python interpreter {python!r} needs {clash[0]}, which is (or lies in) a "
-            f"directory the sandbox hides ({', '.join(hide)}); binding it back would show that directory to "
-            "the programs. "
+            f"code sandbox: the Python interpreter {python!r} needs {clash[0]}, which is itself a "
+            f"directory the sandbox hides ({', '.join([*_PRIVATE_DIRS, *hide])}); binding it back would "
+            "show that directory to the programs. "
             "Install Python (or its virtual environment) in a directory of its own, outside the trainer's "
             "working directory."
         )
-    args = [arg for d in hidden for arg in ("--tmpfs", d)]
-    args += [arg for p in binds for arg in ("--ro-bind", p, p)]
-    args += [arg for d in rehide for arg in ("--tmpfs", d)]
-    return args + [arg for d in [*hidden, *rehide] for arg in ("--remount-ro", d)]
+    links = [s for s in _SYSTEM_DIRS if os.path.islink(s)]  # /bin -> usr/bin: shown through /usr
+    system = [s for s in _SYSTEM_DIRS if os.path.isdir(s) and s not in links]
+    wanted = sorted({p for p in [*needed, *extra] if not any(_is_under(p, s) for s in links)})
+    roots = _outermost([*system, *wanted])
+    rehide = [d for d in hide if d not in wanted and any(_is_under(d, r) and d != r for r in roots)]
+    binds = [p for p in wanted if (p in roots and p not in system) or any(_is_under(p, d) for d in rehide)]
+    return binds, rehide
 
 
-def _bwrap_command(
-    data_fds: dict[str, int], seccomp_fd: int | None, limits: Limits, python: str
+def _host_mount(path: str) -> list[str]:
+    """Show host ``path`` at the same place, read-only; a symlink (``/bin -> usr/bin``) as the same one."""
+    return ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+
+
+def _mounts(
+    python: str, extra: tuple[str, ...], data_fds: dict[str, int], tmp_mb: int
+) -> list[tuple[str, list[str]]]:
+    """The whole file system the program sees, on bwrap's empty root, as (destination, bwrap options): the
+    system directories, the named /etc files, ``/dev``'s minimal nodes, its own ``/proc``, a private
+    ``/tmp`` and ``/dev/shm``, the interpreter's paths and ``extra``, the files in ``data_fds``
+    (destination -> fd) and the hidden directories covered again. Parents first (bwrap mounts in order, so
+    a bind under ``/tmp`` or a hidden directory shows through it); last, ``/`` and the covers go read-only."""
+    binds, rehide = _shown_paths(python, extra)
+    size = ["--size", str(tmp_mb * 1024 * 1024)] if "--size" in _bwrap_features() else []
+    system = [p for p in (*_SYSTEM_DIRS, *_ETC_FILES) if os.path.lexists(p)]
+    ops = [(p, _host_mount(p)) for p in system if not any(_is_under(p, b) for b in binds)]  # else shown
+    ops += [("/dev", ["--dev", "/dev"]), ("/proc", ["--proc", "/proc"])]
+    ops += [(d, [*size, "--tmpfs", d]) for d in _PRIVATE_DIRS]
+    ops += [(p, ["--ro-bind", p, p]) for p in binds] + [(d, ["--tmpfs", d]) for d in rehide]
+    ops += [(dest, ["--ro-bind-data", str(fd), dest]) for dest, fd in data_fds.items()]
+    ops.sort(key=lambda op: op[0])  # a parent sorts before what lies in it
+    return ops + [(d, ["--remount-ro", d]) for d in [*rehide, "/dev", "/"]]
+
+
+def mounted_paths(python: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """Every path the sandbox mounts for programs run on ``python`` (default ``sys.executable``) with the
+    user's ``extra`` read-only paths, as the program sees them; the directories leading to them exist too,
+    empty. Example (merged-/usr Debian, pyenv): ``['/bin', '/dev', '/dev/shm', '/etc/group', '/etc/hosts',
+    '/etc/ld.so.cache', '/etc/localtime', '/etc/nsswitch.conf', '/etc/passwd', '/lib', '/lib64', '/proc',
+    '/root/.pyenv/versions/3.11.7', '/sbin', '/tmp', '/tmp/.aha/runner.py', '/usr']``."""
+    fds = dict.fromkeys([*_etc_data(), f"{_INSIDE}/runner.py"], -1)
+    ops = _mounts(os.path.abspath(python or sys.executable), extra, fds, 1)
+    return sorted({dest for dest, op in ops if op[0] != "--remount-ro"})
+
+
+def _bwrap_args(
+    data_fds: dict[str, int], seccomp_fd: int | None, limits: Limits, python: str, extra: tuple[str, ...]
 ) -> list[str]:
-    feats = _bwrap_features()
-    size = lambda mb: ["--size", str(mb * 1024 * 1024)] if "--size" in feats else []  # noqa: E731
-    cmd = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    cmd += [*size(limits.tmp_size_mb), "--tmpfs", "/tmp", *size(limits.tmp_size_mb), "--tmpfs", "/dev/shm"]
-    cmd += _mount_args(python)  # after the private /tmp: bwrap mounts in order, so the binds show through it
-    for name, fd in data_fds.items():
-        cmd += ["--ro-bind-data", str(fd), f"{_INSIDE}/{name}"]
+    """bwrap's options (everything before ``--``); they reach bwrap through ``--args FD``, so the sandbox's
+    own ``/proc/1/cmdline`` does not list the host paths it mounts or hides."""
+    cmd = [arg for _, op in _mounts(python, extra, data_fds, limits.tmp_size_mb) for arg in op]
     cmd += ["--chdir", "/tmp", "--unshare-all", "--unshare-user", "--hostname", "sandbox"]
     cmd += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    if "--disable-userns" in feats:
+    if "--disable-userns" in _bwrap_features():
         cmd.append("--disable-userns")
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
@@ -351,10 +443,13 @@ def run_python(
     *,
     sandboxed: bool = True,
     python: str | None = None,
+    read_only_paths: Paths = (),
 ) -> RunResult:
     """Run ``runner.py MODE`` on ``files`` (``solution.py`` and, for mode ``asserts``, ``tests.json``) as
     ``python -I``, where ``python`` is the interpreter's path (default ``sys.executable``: the trainer's own).
     Wherever it lives, under ``/tmp`` or a hidden directory included, the sandbox binds it back read-only.
+    ``read_only_paths`` are host paths the program may also read (at the same place, read-only; see the
+    module docstring's warning); unsandboxed, it reads everything anyway.
 
     Example: ``run_python({"solution.py": b"print(input())"}, "stdio", b"hi\\n", Limits())``
     returns ``RunResult(returncode=0, stdout=b"hi\\n", ...)``.
@@ -366,16 +461,21 @@ def run_python(
                 Path(root, name).write_bytes(data)
             argv = [python, "-I", f"{root}/runner.py", mode, root, _limits_json(limits)]
             return _run(argv, stdin, limits, pass_fds=(), cwd=root)
-    fds = {name: _memfd(name, data) for name, data in files.items()}
+    extra = _absolute_paths(read_only_paths)
+    files = {f"{_INSIDE}/{name}": data for name, data in files.items()} | _etc_data()
+    fds = {dest: _memfd(os.path.basename(dest), data) for dest, data in files.items()}
     bpf = seccomp_filter()
     seccomp_fd = _memfd("seccomp", bpf) if bpf is not None else None
+    args_fd = None
     try:
-        cmd = _bwrap_command(fds, seccomp_fd, limits, python)
-        argv = cmd + ["--", python, "-I", f"{_INSIDE}/runner.py", mode, _INSIDE, _limits_json(limits)]
-        extra = () if seccomp_fd is None else (seccomp_fd,)
-        return _run(argv, stdin, limits, pass_fds=(*fds.values(), *extra), cwd="/")
+        options = _bwrap_args(fds, seccomp_fd, limits, python, extra)
+        args_fd = _memfd("bwrap-args", b"".join(arg.encode() + b"\0" for arg in options))
+        argv = [bwrap_path() or "bwrap", "--args", str(args_fd), "--", python, "-I", f"{_INSIDE}/runner.py"]
+        argv += [mode, _INSIDE, _limits_json(limits)]
+        own = [fd for fd in [*fds.values(), seccomp_fd, args_fd] if fd is not None]
+        return _run(argv, stdin, limits, pass_fds=tuple(own), cwd="/")
     finally:
-        for fd in [*fds.values(), seccomp_fd]:
+        for fd in [*fds.values(), seccomp_fd, args_fd]:
             if fd is not None:
                 os.close(fd)
 

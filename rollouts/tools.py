@@ -114,15 +114,22 @@ def calculator(call: str, **columns: Any) -> str:
 
 
 @register_tool("python")
-def python(call: str, timeout_s: float = 10.0, memory_mb: int = 1024, **columns: Any) -> str:
-    """Run the code in the code reward's sandbox (rewards/sandbox.py: read-only host, private /tmp, no network,
-    no new processes, rlimits); the observation is its stdout, then its stderr."""
+def python(
+    call: str,
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    read_only_paths: list[str] | None = None,
+    **columns: Any,
+) -> str:
+    """Run the code in the code reward's sandbox (rewards/sandbox.py: only the system's software and the
+    interpreter visible, read-only; private /tmp, no network, no new processes, rlimits); the observation is
+    its stdout, then its stderr. `read_only_paths` are host paths the code may also read (what it prints of
+    them becomes the model's context: see the sandbox docstring)."""
     from rewards.sandbox import Limits, check_sandbox, run_python
 
-    check_sandbox()
-    result = run_python(
-        {"solution.py": call.encode()}, "stdio", b"", Limits(timeout_s=timeout_s, memory_mb=memory_mb)
-    )
+    check_sandbox(read_only_paths=read_only_paths)
+    limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+    result = run_python({"solution.py": call.encode()}, "stdio", b"", limits, read_only_paths=read_only_paths)
     text = (result.stdout + result.stderr).decode(errors="replace")
     if result.timed_out:
         return f"{text}error: timed out after {timeout_s:g} s"
