@@ -23,6 +23,7 @@ import pytest
 
 import rewards
 from rewards import RewardError, sandbox
+from rewards import _sandbox_view as sandbox_view
 from rewards.code import code_reward
 from rewards.sandbox import Limits, RunResult, check_sandbox, run_python
 
@@ -764,7 +765,8 @@ def test_a_working_directory_or_home_under_tmp_leaves_tmp_writable(workdir, monk
 
 
 def test_smoke_test_reports_the_interpreter_it_could_not_start(tmp_python, monkeypatch):
-    monkeypatch.setattr(sandbox, "_python_paths", lambda python: [])  # as before the fix: nothing bound back
+    # as before the fix: nothing bound back (the view of the file system is rewards/_sandbox_view.py's)
+    monkeypatch.setattr(sandbox_view, "_python_paths", lambda python: [])
     sandbox._smoke_test.cache_clear()
     try:
         with pytest.raises(RewardError) as error:
