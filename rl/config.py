@@ -271,6 +271,19 @@ class EvalConfig:
     """Completions per problem; accuracy is their mean (pass@1)."""
     temperature: float = 0.0
     """Sampling temperature of the evaluation (0 = greedy)."""
+    suite: list[str] = field(default_factory=list)
+    """Benchmarks of the evaluation suite (rl/suite.py, docs/evaluation.md) also evaluated whenever the held-out
+    set is, with eval.samples and eval.temperature, and logged as eval/<name>/accuracy, e.g. [aime24, math500].
+    Empty (the default): none."""
+    suite_dir: str | None = None
+    """Local copies of the suite's benchmarks in the Qwen2.5-Math layout (DIR/<name>/test.jsonl); null = the
+    hub presets."""
+    suite_limit: int | None = None
+    """Evaluate only the first N problems of each suite benchmark (null = all)."""
+
+
+SUITE_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k")
+"""The benchmarks eval.suite takes: those of rl/suite.py's BENCHMARKS (a test keeps them equal)."""
 
 
 @dataclass
@@ -589,6 +602,7 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.betas must be two numbers, e.g. [0.9, 0.999]")
     if config.eval.size < 0 or config.eval.samples < 1 or config.eval.every < 0:
         raise ConfigError("eval.size and eval.every must be >= 0 and eval.samples >= 1")
+    _validate_suite(config.eval)
     if config.model.compute_dtype and config.model.dtype != "float32" and not config.model.lora.r:
         raise ConfigError(
             f"model.compute_dtype={config.model.compute_dtype} is mixed precision over float32 master weights: "
@@ -608,6 +622,20 @@ def validate(config: Config) -> None:
         raise ConfigError("track.samples_every and track.log_every must be at least 1")
     if not config.rewards:
         raise ConfigError("rewards is empty: list at least one reward, e.g. rewards: [{name: math}]")
+
+
+def _validate_suite(eval_config: EvalConfig) -> None:
+    """eval.suite names known benchmarks, once each; eval.suite_limit is positive."""
+    unknown = [name for name in eval_config.suite if name not in SUITE_BENCHMARKS]
+    if unknown:
+        raise ConfigError(
+            f"eval.suite: unknown benchmark(s) {', '.join(map(repr, unknown))}; the suite's: "
+            + ", ".join(SUITE_BENCHMARKS)
+        )
+    if len(set(eval_config.suite)) < len(eval_config.suite):
+        raise ConfigError("eval.suite names a benchmark twice")
+    if eval_config.suite_limit is not None and eval_config.suite_limit < 1:
+        raise ConfigError("eval.suite_limit must be >= 1 (or null for every problem)")
 
 
 def _validate_tools(config: Config) -> None:
