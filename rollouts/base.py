@@ -60,7 +60,10 @@ class Completion:
     """With tool calls (rollouts/multiturn.py): True for each token a tool inserted (not sampled: its log-prob
     is 0.0 and the loss leaves it out); None when every token was sampled."""
     tool_calls: int = 0
+    """Observations inserted (tool outputs, an environment's replies)."""
     tool_errors: int = 0
+    error: str | None = None
+    """Why the sample's environment failed (it raised, hung or answered nonsense): the episode ended there."""
 
 
 class RolloutEngine(Protocol):

@@ -1,4 +1,8 @@
-"""Multi-turn rollouts with tool calls, on any engine of the protocol, exact to the token.
+"""Multi-turn rollouts (tool calls, environments), on any engine of the protocol, exact to the token.
+
+Each sample has an `Episode`: what decides, at the end of each model turn, whether the sample goes on and what
+is inserted before it does. `ToolEpisode` (below) is the tool rollout of `tools:`; rollouts/environments.py
+holds the episode of a user's environment. The turn loop, token budgets and exactness are this module's.
 
 `ToolRollout` wraps an engine. A completion is sampled until it closes a call (`call_end`, a stop string), the
 call is run (rollouts/tools.py), the observation is appended between `output_start` and `output_end` as
@@ -26,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from rollouts.base import Completion, RolloutEngine, SamplingParams
-from rollouts.tools import Observation, PendingCall, Toolbox
+from rollouts.tools import Observation, PendingCall, Toolbox, collect
 
 
 @dataclass(frozen=True)
@@ -42,33 +46,92 @@ class Markers:
     output_end: str
 
 
+class Episode(Protocol):
+    """One sample's side of a multi-turn rollout: it decides, at each model turn's end, what comes next."""
+
+    stop: tuple[str, ...]
+    """Strings that end a model turn (beside EOS and the run's own stop strings)."""
+
+    def continues(self, segment: str, finish: str) -> bool:
+        """Whether the sample may go on after a turn that produced `segment` (its text, special tokens kept)
+        and ended by `finish` with budget left; False ends it with no call made."""
+        ...
+
+    def start(self, text: str, calls: int) -> PendingCall | None:
+        """The turn ended with the completion's `text` so far (special tokens kept), after `calls` earlier
+        observations: start what answers it (a tool call, the environment's reply). None: nothing to insert,
+        the sample goes on; an observation with `end` set ends the sample instead."""
+        ...
+
+    def format(self, observation: Observation) -> str:
+        """The text inserted for an observation (its tokens are out of the loss)."""
+        ...
+
+
+@dataclass
+class ToolEpisode:
+    """The tool rollout of `tools:`: a call between markers, run by the toolbox, its output between markers."""
+
+    toolbox: Toolbox
+    markers: Markers
+    max_calls: int
+    columns: dict
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return (self.markers.call_end,)
+
+    def continues(self, segment: str, finish: str) -> bool:
+        return finish == "stop" and segment.endswith(self.markers.call_end)
+
+    def start(self, text: str, calls: int) -> PendingCall | None:
+        call = _open_call(text, self.markers)
+        if call is None:
+            return None  # a stop at call_end with no open call: not a call, the sequence just continues
+        if calls >= self.max_calls:
+            return PendingCall.ready(
+                Observation(f"error: no more tool calls (at most {self.max_calls})", True)
+            )
+        return self.toolbox.start(call, self.columns)
+
+    def format(self, observation: Observation) -> str:
+        return self.markers.output_start + observation.text + self.markers.output_end
+
+
 @dataclass
 class _Sequence:
     """One sample being built turn by turn."""
 
     prompt: list[int]
-    columns: dict
+    episode: Episode
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     tool_mask: list[bool] = field(default_factory=list)
     model_tokens: int = 0
-    calls: int = 0
+    calls: int = 0  # observations inserted
     errors: int = 0
     finish: str = "stop"
     done: bool = False
     pending: PendingCall | None = None  # its call, started while the other sequences were still decoding
+    started: bool = (
+        False  # whether the answer to its last turn was started while decoding (pending may be None)
+    )
+    failure: str | None = (
+        None  # why its episode failed (an environment that raised, hung or answered nonsense)
+    )
 
 
 class ToolRollout:
-    """The rollout protocol with tool calls, around an engine (see the module docstring)."""
+    """The rollout protocol with multi-turn episodes around an engine (see the module docstring): tool calls as
+    `tools:` configures them (`generate`), or any episodes (`run`, used for environments)."""
 
     def __init__(
         self,
         engine: RolloutEngine,
         tokenizer: Any,
-        toolbox: Toolbox,
-        markers: Markers,
-        max_calls: int,
+        toolbox: Toolbox | None = None,
+        markers: Markers | None = None,
+        max_calls: int = 0,
     ) -> None:
         self.engine, self.tokenizer, self.toolbox, self.markers = engine, tokenizer, toolbox, markers
         self.max_calls = max_calls
@@ -78,19 +141,36 @@ class ToolRollout:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, columns: list[dict] | None = None
     ) -> list[list[Completion]]:
-        """The protocol's `generate`; `columns[i]`: the dataset row's fields that prompt i's tool calls receive
-        (none when None)."""
+        """The protocol's `generate` with the configured tool; `columns[i]`: the dataset row's fields that
+        prompt i's tool calls receive (none when None)."""
+        if self.toolbox is None or self.markers is None:
+            raise ValueError("ToolRollout.generate needs a toolbox and markers; use run() with episodes")
         columns = columns if columns is not None else [{} for _ in prompts]
-        sequences = [
-            _Sequence(list(p), c) for p, c in zip(prompts, columns, strict=True) for _ in range(params.n)
+        episodes = [
+            ToolEpisode(self.toolbox, self.markers, self.max_calls, c)
+            for c in columns
+            for _ in range(params.n)
         ]
-        first = self._params(params, params.n, params.max_new_tokens, sequences)
-        out = self.engine.generate(prompts, first)
+        flat = self.run(prompts, episodes, params)
+        return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def run(
+        self, prompts: list[list[int]], episodes: list[Episode], params: SamplingParams
+    ) -> list[Completion]:
+        """One completion per episode, prompt-major: `params.n` episodes per prompt when the samples of a prompt
+        share it, or one prompt per episode (then each is sampled alone, n=1, seed + its index)."""
+        n = params.n if len(episodes) == len(prompts) * params.n else 1
+        if len(episodes) != len(prompts) * n:
+            raise ValueError(f"{len(episodes)} episodes for {len(prompts)} prompts of {params.n} samples")
+        sequences = [_Sequence(list(p), e) for p, e in zip([p for p in prompts for _ in range(n)], episodes)]
+        out = self.engine.generate(prompts, self._params(params, n, params.max_new_tokens, sequences))
         self._extend(sequences, [c for group in out for c in group], params.max_new_tokens)
         turn = 0
         while live := [s for s in sequences if not s.done]:
             turn += 1
             self._insert_observations(live)
+            if not (live := [s for s in live if not s.done]):
+                break
             # one batch for the turn, with the largest budget left; each sequence is cut to its own after
             budget = max(params.max_new_tokens - s.model_tokens for s in live)
             continuation = dataclasses.replace(
@@ -99,41 +179,34 @@ class ToolRollout:
             )
             out = self.engine.generate([s.prompt + s.tokens for s in live], continuation)
             self._extend(live, [group[0] for group in out], params.max_new_tokens)
-        flat = [self._completion(s) for s in sequences]
-        return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+        return [self._completion(s) for s in sequences]
 
     def _params(
         self, params: SamplingParams, n: int, budget: int, sequences: list[_Sequence]
     ) -> SamplingParams:
-        """The engine's parameters for a turn: stop at call_end too, and start each call as soon as the
-        engine reports its sample stopped (`on_stop`), while the other samples decode."""
-        stop = (*params.stop, self.markers.call_end)
-        on_stop = functools.partial(self._start_call, sequences, params.max_new_tokens)
+        """The engine's parameters for a turn: stop where the episodes end a turn too, and start each one's
+        answer as soon as the engine reports its sample stopped (`on_stop`), while the other samples decode."""
+        extra = dict.fromkeys(stop for s in sequences for stop in s.episode.stop)
+        stop = (*params.stop, *(x for x in extra if x not in params.stop))
+        on_stop = functools.partial(self._start_early, sequences, params.max_new_tokens)
         return dataclasses.replace(params, n=n, max_new_tokens=budget, stop=stop, on_stop=on_stop)
 
-    def _start_call(self, sequences: list[_Sequence], max_new_tokens: int, i: int, ids: list[int]) -> None:
-        """Sample i stopped at `ids`: when that closes a call it may make (within its budget and max_calls),
-        start the call now; `_insert_observations` collects it."""
+    def _start_early(self, sequences: list[_Sequence], max_new_tokens: int, i: int, ids: list[int]) -> None:
+        """Sample i stopped at `ids`: when its episode goes on (within its budget), start what answers the turn
+        now; `_insert_observations` collects it."""
         s = sequences[i]
-        if len(ids) >= max_new_tokens - s.model_tokens or s.calls >= self.max_calls:
-            return  # the budget ends here (no call is run), or past max_calls (answered in _insert_observations)
-        if not self._ends_at_call_end(ids):
-            return
-        call = self._closed_call(s.tokens + ids)
-        if call is not None:
-            s.pending = self.toolbox.start(call, s.columns)
+        if len(ids) >= max_new_tokens - s.model_tokens:
+            return  # the budget ends here: nothing is run
+        if s.episode.continues(self.tokenizer.decode(ids), "stop"):
+            s.pending = s.episode.start(self._text(s.tokens + ids), s.calls)
+            s.started = True
 
-    def _ends_at_call_end(self, segment: list[int]) -> bool:
-        """Whether a sampled segment stopped at `call_end` (rather than at EOS or a user's stop string)."""
-        return self.tokenizer.decode(segment).endswith(self.markers.call_end)
-
-    def _closed_call(self, tokens: list[int]) -> str | None:
-        """The call a completion's tokens end by closing (see `_open_call`)."""
-        return _open_call(self.tokenizer.decode(tokens, skip_special_tokens=False), self.markers)
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     def _extend(self, sequences: list[_Sequence], segments: list[Completion], max_new_tokens: int) -> None:
         """Append each sequence's new segment (cut to its own token budget) and decide whether it goes on: it
-        does when the segment ended at `call_end` with budget left."""
+        does when its episode says so (a tool episode: the segment ended at `call_end`) with budget left."""
         for s, c in zip(sequences, segments, strict=True):
             room = max_new_tokens - s.model_tokens
             ids, logprobs, finish = (
@@ -148,34 +221,30 @@ class ToolRollout:
             s.tool_mask += [False] * len(ids)
             s.model_tokens += len(ids)
             s.finish = finish
-            at_call_end = finish == "stop" and self._ends_at_call_end(ids)
-            s.done = not at_call_end or s.model_tokens >= max_new_tokens
+            goes_on = finish == "stop" and s.episode.continues(self.tokenizer.decode(ids), finish)
+            s.done = not goes_on or s.model_tokens >= max_new_tokens
 
     def _insert_observations(self, live: list[_Sequence]) -> None:
-        """Run the calls the live sequences just closed, at once; append their observations as tokens."""
+        """Collect what answers the live sequences' turns (started while decoding, or now), at once; append
+        each observation as tokens, or end the sequence where its episode ends."""
         started, callers = [], []
         for s in live:
-            pending, s.pending = s.pending, None
-            if pending is None:  # not started while decoding (an engine without on_stop): start it now
-                call = self._closed_call(s.tokens)
-                if call is None:
-                    continue  # a stop at call_end with no open call: not a call, the sequence just continues
-                if s.calls >= self.max_calls:
-                    self._append(
-                        s, Observation(f"error: no more tool calls (at most {self.max_calls})", True)
-                    )
-                    continue
-                pending = self.toolbox.start(call, s.columns)
-            started.append(pending)
-            callers.append(s)
-        for s, observation in zip(callers, self.toolbox.finish(started), strict=True):
-            self._append(s, observation)
+            pending, was_started, s.pending, s.started = s.pending, s.started, None, False
+            if not was_started:  # not started while decoding (an engine without on_stop): start it now
+                pending = s.episode.start(self._text(s.tokens), s.calls)
+            if pending is not None:
+                started.append(pending)
+                callers.append(s)
+        for s, observation in zip(callers, collect(started), strict=True):
+            if observation.end:
+                s.done, s.errors = True, s.errors + observation.error
+                s.failure = observation.text if observation.error else s.failure
+            else:
+                self._append(s, observation)
 
     def _append(self, s: _Sequence, observation: Observation) -> None:
-        m = self.markers
-        ids = self.tokenizer(m.output_start + observation.text + m.output_end, add_special_tokens=False)[
-            "input_ids"
-        ]
+        text = s.episode.format(observation)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         s.tokens += ids
         s.logprobs += [0.0] * len(ids)
         s.tool_mask += [True] * len(ids)
@@ -191,6 +260,7 @@ class ToolRollout:
             tool_mask=s.tool_mask if any(s.tool_mask) else None,
             tool_calls=s.calls,
             tool_errors=s.errors,
+            error=s.failure,
         )
 
     # the rest of the protocol is the engine's

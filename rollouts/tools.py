@@ -139,8 +139,12 @@ def python(
 # ---------------------------------------------------------------------------------------------- running
 @dataclass
 class Observation:
+    """What the model reads next (inserted as tokens), whether it reports an error, and whether the episode
+    ends here instead (an environment's answer of None, or its failure: nothing is inserted then)."""
+
     text: str
     error: bool = False
+    end: bool = False
 
 
 @dataclass
@@ -156,21 +160,18 @@ class Toolbox:
         """Run each (call, columns) with the first tool (the one a run uses), all at once, each to its deadline."""
         return self.finish([self.start(call, columns) for call, columns in calls])
 
-    def start(self, call: str, columns: dict) -> PendingCall:
-        """Start one call now, in a daemon thread, with the first tool; `finish` collects it."""
-        name, fn = next(iter(self.tools.items()))
-        pending = PendingCall(time.monotonic() + self.timeout_s)
+    def start(self, call: str, columns: dict, name: str | None = None) -> PendingCall:
+        """Start one call now, in a daemon thread, with tool `name` (default: the first); `finish` collects it."""
+        name = name or next(iter(self.tools))
+        late = Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
+        pending = PendingCall(time.monotonic() + self.timeout_s, late)
+        fn = self.tools[name]
         threading.Thread(target=self._call, args=(fn, name, call, columns, pending), daemon=True).start()
         return pending
 
     def finish(self, calls: list[PendingCall]) -> list[Observation]:
-        """The started calls' observations, waiting for each at most until its own deadline (a call still
-        running then is an error observation; its thread is left to end on its own)."""
-        name = next(iter(self.tools))
-        for pending in calls:
-            pending.done.wait(max(0.0, pending.deadline - time.monotonic()))
-        late = Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
-        return [pending.result or late for pending in calls]
+        """The started calls' observations (`collect`)."""
+        return collect(calls)
 
     def _call(self, fn: ToolFn, name: str, call: str, columns: dict, pending: PendingCall) -> None:
         try:
@@ -188,12 +189,29 @@ class Toolbox:
 
 @dataclass
 class PendingCall:
-    """A call running in its thread: its deadline (time.monotonic()), and its observation once it is done."""
+    """A call running in its thread (or on an event loop): its deadline (time.monotonic()), the observation to
+    give if it misses it, and its observation once it is done."""
 
     deadline: float
+    late: Observation = field(default_factory=lambda: Observation("error: the call timed out", True))
     result: Observation | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     def set(self, observation: Observation) -> None:
         self.result = observation
         self.done.set()
+
+    @classmethod
+    def ready(cls, observation: Observation) -> PendingCall:
+        """A call whose observation is known now."""
+        pending = cls(time.monotonic())
+        pending.set(observation)
+        return pending
+
+
+def collect(calls: list[PendingCall]) -> list[Observation]:
+    """The calls' observations, waiting for each at most until its own deadline (a call still running then
+    gives its `late` observation; its thread is left to end on its own)."""
+    for pending in calls:
+        pending.done.wait(max(0.0, pending.deadline - time.monotonic()))
+    return [pending.result or pending.late for pending in calls]

@@ -367,10 +367,10 @@ def test_the_transformers_engine_reports_each_stop_as_it_happens_and_rollouts_do
 def test_finish_waits_for_each_call_until_its_own_deadline_only():
     """Calls started together share one wait: a call whose deadline has passed is not waited for again (with
     waits of timeout_s each, two hung calls took twice the timeout; here an hour each would hang the test)."""
-    from rollouts.tools import PendingCall
-
-    toolbox = Toolbox({"t": calculator}, timeout_s=3600.0)
-    expired = [PendingCall(deadline=time.monotonic() - 1.0) for _ in range(2)]
+    toolbox = Toolbox({"t": _hangs}, timeout_s=3600.0)
+    expired = [toolbox.start("x", {}) for _ in range(2)]
+    for pending in expired:  # as if an hour had passed
+        pending.deadline = time.monotonic() - 1.0
     observations = toolbox.finish(expired)
     assert [o.error for o in observations] == [True, True]
     assert observations[0].text == "error: the t tool took over 3600 s"
