@@ -162,7 +162,8 @@ class ToolRollout:
         n = params.n if len(episodes) == len(prompts) * params.n else 1
         if len(episodes) != len(prompts) * n:
             raise ValueError(f"{len(episodes)} episodes for {len(prompts)} prompts of {params.n} samples")
-        sequences = [_Sequence(list(p), e) for p, e in zip([p for p in prompts for _ in range(n)], episodes)]
+        each = [p for p in prompts for _ in range(n)]
+        sequences = [_Sequence(list(p), e) for p, e in zip(each, episodes, strict=True)]
         out = self.engine.generate(prompts, self._params(params, n, params.max_new_tokens, sequences))
         self._extend(sequences, [c for group in out for c in group], params.max_new_tokens)
         turn = 0
