@@ -6,7 +6,8 @@ dataset row fields (``answer``, ``tests``, ``target``, ``numbers``, ...) as list
 lists.
 
 Built-ins: ``math`` (symbolic answer check), ``format`` (R1-Zero tags), ``countdown`` (arithmetic target),
-``code`` (tests in a bubblewrap sandbox). Public API::
+``code`` (tests in a bubblewrap sandbox); model-based: ``judge`` (an LLM behind an OpenAI-compatible endpoint)
+and ``reward_model`` (a sequence-classification model). Public API::
 
     from rewards import RewardSpec, RewardScorer, get_reward, register_reward
 
@@ -18,7 +19,14 @@ Built-ins: ``math`` (symbolic answer check), ``format`` (R1-Zero tags), ``countd
 This package never imports ``rl`` or ``rollouts``. See docs/rewards.md.
 """
 
-from rewards import code, countdown, format, math  # noqa: F401 - importing registers the built-ins
+from rewards import (  # noqa: F401 - importing registers the built-ins
+    code,
+    countdown,
+    format,
+    judge,
+    math,
+    reward_model,
+)
 from rewards.registry import RewardError, get_reward, register_reward, registered_names
 from rewards.scoring import RewardResult, RewardScorer, RewardSpec, RewardTally, batch_reward
 
