@@ -8,11 +8,14 @@ while its tokens are computed 1 time instead of G. With gradients on, no chunk's
 backward pass: `HeadLogprobs` recomputes them there (a plain nn.Linear head), or the chunk is checkpointed
 (any other head): peak memory holds one chunk's [chunk, vocab] logits, not the whole batch's. At a 152k vocabulary and 8k completion tokens that is the difference between 5 GB
 and a few hundred MB.
+
+The head's logits are float32 under every compute dtype (`head_logits`): bf16 inputs under autocast, a float32
+product and output, as vLLM (`head_dtype: float32`) and the transformers engine compute them. A bf16 output
+would put an error of about |z| x 2^-9 on each logit, as large as the engine mismatch TIS corrects.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +125,7 @@ def completion_logprobs(
     lp_chunks, ent_chunks = [], []
     for start in range(0, selected.shape[0], chunk_size):
         h, tgt = selected[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and _plain_linear(head):
+        if torch.is_grad_enabled() and plain_linear(head):
             lp, ent = HeadLogprobs.apply(h, head.weight, head.bias, tgt, temperature, with_entropy)
         elif torch.is_grad_enabled():
             lp, ent = checkpoint(_chunk, head, h, tgt, temperature, with_entropy, use_reentrant=False)
@@ -187,7 +190,7 @@ def _shared_prompt_hidden(body: torch.nn.Module, batch: PackedBatch, device: tor
     return torch.cat([first, rest], 1)
 
 
-def _plain_linear(head: torch.nn.Module) -> bool:
+def plain_linear(head: torch.nn.Module) -> bool:
     """An unwrapped nn.Linear whose weight is a plain tensor (no LoRA layer, no hooks, no FSDP shard)."""
     return (
         type(head) is torch.nn.Linear
@@ -229,40 +232,87 @@ class HeadLogprobs(torch.autograd.Function):
             entropy = logits.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
         ctx.temperature = temperature
-        device = hidden.device.type  # the backward recomputes the logits under the forward's autocast state
-        ctx.amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.compute = _compute_dtype(
+            hidden, weight
+        )  # the backward recomputes the logits from the same inputs
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple:
         hidden, weight, bias, targets, normaliser = ctx.saved_tensors
-        amp = torch.autocast(hidden.device.type, dtype=ctx.amp) if ctx.amp else contextlib.nullcontext()
-        with amp:
-            logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
+        compute = ctx.compute  # the head's inputs' dtype in the forward pass
+        logits = _scaled_logits(
+            hidden, weight, bias, ctx.temperature, compute
+        )  # the forward's float32 logits
         grad = logits.sub_(normaliser[:, None]).exp_().mul_(-grad_logprobs[:, None])  # -softmax * g, in place
         grad.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])  # + onehot * g
         if ctx.temperature not in (0.0, 1.0):
             grad /= ctx.temperature
-        compute = ctx.amp or weight.dtype  # the product's dtype in the forward pass
-        grad = grad.to(compute)  # [n, V]
+        grad = grad.to(compute)  # [n, V]; the gradient's products run in the compute dtype
         grad_hidden = (grad @ weight.to(compute)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = (grad.t() @ hidden.to(compute)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _scaled_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's inputs take: autocast's (bf16 under `model.compute_dtype`), else the weight's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute: torch.dtype | None = None
 ) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # a new tensor, the callers write in it
+    """[n, V] float32 logits of a linear LM head whose inputs are rounded to `compute` (default: autocast's
+    dtype, else the weight's), with the product accumulated and returned in float32, never rounded to bf16.
+
+    A bf16 output would carry an error of about |z| x 2^-9 per logit (0.03-0.06 nats in a token's log-prob at
+    typical logit sizes), as large as the engine mismatch that TIS and the masks correct; vLLM computes its
+    head the same way (`hf_overrides={"head_dtype": "float32"}`), and so does the transformers engine. On
+    CUDA one bf16 GEMM with a float32 output (`torch.mm(..., out_dtype=torch.float32)`); elsewhere the bf16
+    inputs are upcast, which gives the same numbers up to summation order.
+
+        hidden [n, H], weight [V, H], bias [V] or None -> [n, V] float32
+    """
+    compute = compute or _compute_dtype(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(compute), weight.to(compute)  # [n, H], [V, H]
+        b = bias.to(compute) if bias is not None else None
+        if compute.itemsize >= 4:  # float32 (or a float64 test): the product as it is
+            return torch.nn.functional.linear(h, w, b).float()
+        b = b.float() if b is not None else None
+        if h.is_cuda and _CUDA_OUT_DTYPE[0]:
+            try:
+                logits = torch.mm(h, w.t(), out_dtype=torch.float32)
+                return logits.add_(b) if b is not None else logits
+            except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): upcast from now on
+                _CUDA_OUT_DTYPE[0] = False
+        return torch.nn.functional.linear(h.float(), w.float(), b)  # [n, V] float32, a new tensor
+
+
+_CUDA_OUT_DTYPE = [True]  # torch.mm(out_dtype=) works on this CUDA torch (until it fails once)
+
+
+def _scaled_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    compute: torch.dtype | None = None,
+) -> torch.Tensor:
+    logits = head_logits(hidden, weight, bias, compute)  # [n, V] float32
     return logits.div_(temperature) if temperature not in (0.0, 1.0) else logits
 
 
 def _chunk(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden).float()  # [n, V]
+    if plain_linear(head):  # float32 logits from the compute dtype's inputs, as in HeadLogprobs
+        logits = head_logits(hidden, head.weight, head.bias)  # [n, V]
+    else:  # a wrapped head (a LoRA layer, hooks): its own forward, upcast afterwards
+        logits = head(hidden).float()  # [n, V]
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]

@@ -10,7 +10,9 @@ by concatenation, a cost that grows with the sequence. What this module does its
 - the attention over that cache: `scaled_dot_product_attention` on its filled columns.
 
 Everything else is the model's own modules, called as modules: the embeddings, the norms, the q/k/v/o
-projections, the MLP, the rotary embedding and the LM head. So LoRA adapters, biases, forward hooks on those
+projections, the MLP, the rotary embedding and the LM head (a plain `nn.Linear` head without hooks of its own
+is computed as the trainer computes it, `rl.logprobs.head_logits`: float32 logits from compute-dtype
+inputs, so sampling and training agree under bf16 autocast; global forward hooks do not see that call). So LoRA adapters, biases, forward hooks on those
 modules (global ones too) and in-place weight updates all apply, and the decoder holds no copy of any
 weight. The decoder layers and attention modules themselves are not called, nor the model's forward: hooks
 registered on those do not run here. A policy whose hooks must see those calls decodes with
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rl.logprobs import head_logits, plain_linear
 from rl.weights import has_sharded_parameters
 
 SUPPORTED_TYPES = ("llama", "qwen2")
@@ -98,7 +101,7 @@ class LlamaDecoder:
         self.valid[:, :width] = valid.repeat_interleave(copies, 0)
         self.length = width
         self.positions = positions[:, -1].repeat_interleave(copies, 0) + 1  # [B] of the next token
-        return self.lm_head(self.inner.norm(hidden[:, -1])).repeat_interleave(copies, 0)  # [B, V]
+        return self._head(self.inner.norm(hidden[:, -1])).repeat_interleave(copies, 0)  # [B, V]
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Append one token per row (ids [B]); returns the next logits [B, V]."""
@@ -107,7 +110,14 @@ class LlamaDecoder:
         mask = self.valid[:, None, None, : column + 1]  # [B, 1, 1, T]: the filled columns that are tokens
         hidden = self._layers(ids[:, None], self.positions[:, None], mask, slice(column, column + 1), None)
         self.length, self.positions = column + 1, self.positions + 1
-        return self.lm_head(self.inner.norm(hidden[:, -1]))
+        return self._head(self.inner.norm(hidden[:, -1]))
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, V] logits; a plain linear head computes them as the trainer does (`rl.logprobs.head_logits`:
+        compute-dtype inputs, a float32 product), so sampling and training see the same logits."""
+        if plain_linear(self.lm_head):
+            return head_logits(hidden, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(hidden)
 
     def _layers(
         self,

@@ -87,35 +87,97 @@ def test_compute_dtype_needs_float32_master_weights():
         load_config(None, ["model.compute_dtype=float16"])  # would need loss scaling
 
 
-def test_head_logprobs_under_autocast_match_autograd_under_autocast():
+def test_head_logprobs_under_autocast_equal_a_float32_head_reference():
+    # The head's inputs are bf16 under autocast, its product and output float32 (issue 26): the fused function
+    # equals autograd through a float32 head on the bf16-rounded inputs, not a bf16 product.
     torch.manual_seed(0)
     hidden = torch.randn(6, 16, requires_grad=True)
-    weight = torch.randn(40, 16, requires_grad=True)
+    weight = (4 * torch.randn(40, 16)).requires_grad_()  # logits of a few tens, as in real models
     targets = torch.tensor([0, 3, 39, 3, 5, 7])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logprobs, _ = HeadLogprobs.apply(hidden, weight, None, targets, 1.0, False)
-        reference = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float(), -1)
-        reference = reference.gather(-1, targets[:, None]).squeeze(-1)
+        bf16_output = torch.nn.functional.linear(
+            hidden, weight
+        ).float()  # today's engines' rounding, for scale
+    logits = hidden.bfloat16().float() @ weight.bfloat16().float().t()  # float32 head, bf16 inputs
+    reference = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    rounded = torch.log_softmax(bf16_output, -1).gather(-1, targets[:, None]).squeeze(-1)
     fused = torch.autograd.grad(logprobs.sum(), (hidden, weight))
     expected = torch.autograd.grad(reference.sum(), (hidden, weight))
-    torch.testing.assert_close(logprobs, reference, atol=1e-5, rtol=0)  # both bf16 products
+    torch.testing.assert_close(logprobs, reference, atol=1e-5, rtol=0)
+    assert (rounded - reference).abs().max() > 100 * (logprobs - reference).abs().max()  # bf16 output: off
     for got, want in zip(fused, expected, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)  # bf16 products in the backward
 
 
-def test_training_under_mixed_precision_samples_and_trains_in_bfloat16(tmp_path, lively_model_dir, toy_data):
+@pytest.mark.parametrize("setting", ["bfloat16 weights", "float32 weights, bf16 autocast"])
+def test_trainer_logprobs_on_a_bfloat16_model_match_a_float64_head(tokenizer, setting):
+    # The trainer's log-probs, with and without gradients, against a float64 head on the same bf16 hidden
+    # states and bf16-rounded head weights: only float32 rounding separates them. A bf16 head output would be
+    # off by about |z| x 2^-9 per logit; the test shows that too, for scale.
+    from rl.logprobs import completion_logprobs, pack
+
+    model = build_model(len(tokenizer), initializer_range=0.1)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8)  # logits of a few tens
+    if setting == "bfloat16 weights":
+        model = model.to(torch.bfloat16)
+        amp = torch.autocast("cpu", enabled=False)
+    else:
+        amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[5, 6, 7 + i] for i in range(4)]
+    completions = [torch.randint(3, 200, (9,), generator=generator).tolist() for _ in prompts]
+    batch = pack(prompts, completions, pad_id=0)
+    with amp:
+        trained, _ = completion_logprobs(model, batch, share_prompts=False)  # grad on: HeadLogprobs
+        with torch.no_grad():
+            scored, _ = completion_logprobs(model, batch, share_prompts=False)  # no grad: _chunk
+            hidden = model.get_decoder()(input_ids=batch.input_ids).last_hidden_state  # [B, L, H]
+            rounded = model.get_output_embeddings()(hidden).float()  # [B, L, V] a bf16 head output
+    hidden = hidden.bfloat16()  # the head's input (the final norm returns float32 under autocast)
+    weight = model.get_output_embeddings().weight.detach().bfloat16()
+    logits = hidden.double() @ weight.double().t()  # [B, L, V] the float64 head
+    positions = torch.arange(3 - 1, 3 - 1 + 9)  # every prompt has 3 tokens, every completion 9
+    ids = batch.completion_ids[:, :, None]
+    reference = torch.log_softmax(logits[:, positions], -1).gather(-1, ids).squeeze(-1)  # [B, T]
+    bf16_head = torch.log_softmax(rounded[:, positions].double(), -1).gather(-1, ids).squeeze(-1)
+    assert logits.abs().max() > 8  # logits of a realistic size
+    for got in (trained.detach(), scored):
+        assert (got.double() - reference).abs().max() < 2e-5
+    assert (bf16_head - reference).abs().max() > 1e-2  # what the head's bf16 output used to cost
+
+
+def test_training_under_mixed_precision_samples_and_trains_in_bfloat16(
+    tmp_path, lively_model_dir, toy_data, monkeypatch
+):
     # Every linear layer's output, through a global forward hook: whether it ran with gradients (the trainer's
-    # recomputation) or without (the engine's sampling, and the trainer's no-grad passes), its dtype, and the
-    # largest LM-head logit. This checks the precision itself, whatever kernels the CPU has.
+    # recomputation) or without (the engine's sampling, and the trainer's no-grad passes), and its dtype. The
+    # LM head is not called as a module: both sides compute it with `head_logits` (bf16 inputs, float32
+    # output), recorded here with the largest logit. This checks the precision itself, whatever kernels the
+    # CPU has.
+    import rl.logprobs
+    import rollouts.llama_decoder
+
     linear_calls: set[tuple[bool, torch.dtype]] = set()
+    head_calls: set[tuple[bool, torch.dtype]] = set()
     largest_logit = [0.0]
 
     def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         if isinstance(module, torch.nn.Linear):
             linear_calls.add((torch.is_grad_enabled(), output.dtype))
-            if module.out_features > 200:  # the LM head (vocabulary-wide)
-                largest_logit[0] = max(largest_logit[0], float(output.detach().abs().max()))
+
+    def recorded_head(hidden, weight, bias, compute=None):
+        logits = head_logits(hidden, weight, bias, compute)
+        head_calls.add((torch.is_grad_enabled(), compute or rl.logprobs._compute_dtype(hidden, weight)))
+        largest_logit[0] = max(largest_logit[0], float(logits.detach().abs().max()))
+        assert logits.dtype == torch.float32
+        return logits
+
+    head_logits = rl.logprobs.head_logits
+    monkeypatch.setattr(rl.logprobs, "head_logits", recorded_head)
+    monkeypatch.setattr(rollouts.llama_decoder, "head_logits", recorded_head)
 
     config = load_config(
         None,
@@ -146,9 +208,12 @@ def test_training_under_mixed_precision_samples_and_trains_in_bfloat16(tmp_path,
     # The engine sampled under bf16 autocast (no-grad calls) and the trainer recomputed under it (grad calls):
     # every linear layer returned bf16, in both. Sampling in float32 would show float32 no-grad calls here.
     assert linear_calls == {(False, torch.bfloat16), (True, torch.bfloat16)}
-    # Both sides' logits are bf16 numbers: where the two round differently (a KV-cached decode step and a
-    # whole-sequence pass, in other blocking), each logit differs by at most about one bf16 ulp of the
-    # largest, 2^-7 * 2^ceil(log2 max|z|), and a log-softmax moves by at most twice its inputs' largest change.
+    # The head: bf16 inputs on both sides (sampling without gradients; the trainer's backward recomputes the
+    # logits with gradients off, so only no-grad calls show), float32 output.
+    assert head_calls == {(False, torch.bfloat16)}
+    # Both sides' heads take bf16 hidden states: where the two bodies round differently (a KV-cached decode
+    # step and a whole-sequence pass, in other blocking), each logit differs by at most about one bf16 ulp of
+    # the largest, 2^-7 * 2^ceil(log2 max|z|), and a log-softmax moves by at most twice its inputs' largest change.
     # Measured: 4e-8 where bf16 products run on AVX-512/AMX kernels (both sides round alike), 1.3e-3 to 2.1e-3
     # on AVX2-only CPUs (bf16 emulated in float32, other blocking); this bound is 3.1e-2 on this model.
     ulp = 2.0**-7 * 2.0 ** math.ceil(math.log2(largest_logit[0]))
