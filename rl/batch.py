@@ -185,12 +185,16 @@ def rank_advantages(batch: StepBatch, algo: AlgorithmConfig, dist: Distributed) 
                 "step's rewards hold other values"
             )
         return passk_advantages(rewards, algo.passk_k, scored=scored)
+    tokens = torch.tensor([[t.model_tokens for t in g] for g in batch.groups], dtype=torch.float32)
+    tokens = tokens.view(rewards.shape)  # [P, G] what REINFORCE++'s token whitening weighs each sample by
     if not algo.scale.startswith("batch") or not dist.enabled:
-        return group_advantages(rewards, algo.baseline, algo.scale, scored=scored)  # [P, G]
-    per_rank = dist.gather_objects((rewards.cpu(), scored.cpu()))
-    all_rewards, all_scored = (torch.cat(parts) for parts in zip(*per_rank, strict=True))  # [P * world, G]
-    everything = group_advantages(all_rewards, algo.baseline, algo.scale, scored=all_scored)
-    offset = sum(len(r) for r, _ in per_rank[: dist.rank])
+        return group_advantages(rewards, algo.baseline, algo.scale, scored=scored, lengths=tokens)  # [P, G]
+    per_rank = dist.gather_objects((rewards.cpu(), scored.cpu(), tokens))
+    all_rewards, all_scored, all_tokens = (torch.cat(parts) for parts in zip(*per_rank, strict=True))
+    everything = group_advantages(
+        all_rewards, algo.baseline, algo.scale, scored=all_scored, lengths=all_tokens
+    )  # [P * world, G]
+    offset = sum(len(r) for r, _, _ in per_rank[: dist.rank])
     return everything[offset : offset + len(rewards)]
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -156,10 +157,12 @@ class AlgorithmConfig:
     group-centred rewards (REINFORCE++-baseline), or none (Dr. GRPO)."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
     """Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO)."""
-    clip_low: float = 0.2
-    """PPO clip range below 1: ratio is clipped at 1 - clip_low."""
-    clip_high: float = 0.2
-    """PPO clip range above 1 (DAPO clip-higher uses 0.28)."""
+    clip_low: float | None = None
+    """Clip range below 1: the ratio is clipped at 1 - clip_low. null: the policy loss's own, 0.2 (PPO) or, for
+    cispo, no lower bound (MiniMax-M1; cispo also takes values >= 1, verl's way of saying none)."""
+    clip_high: float | None = None
+    """Clip range above 1: at 1 + clip_high (DAPO clip-higher uses 0.28). null: the policy loss's own, 0.2 (PPO)
+    or 4 for cispo (a weight of at most 5: TRL's recommended epsilon_high, from ScaleRL)."""
     dual_clip: float | None = None
     """Dual-clip bound c > 1 on the loss of negative-advantage tokens; null = off."""
     ratio_level: Literal["token", "sequence", "sequence_token"] = "token"
@@ -169,11 +172,14 @@ class AlgorithmConfig:
     per rollout; with one update per rollout the ratio is exactly 1 and the clip never acts."""
     policy_loss: Literal["ppo_clip", "cispo", "kl_cov", "clip_cov"] = "ppo_clip"
     """ppo_clip (clipped surrogate), cispo (MiniMax-M1: REINFORCE with the ratio clipped to [1 - clip_low,
-    1 + clip_high] and detached, so clipped tokens still get a gradient; MiniMax and TRL use a large clip_high,
-    e.g. 4), kl_cov or clip_cov (Cui et al. 2025: a penalty on, or removal of, the few tokens whose
+    1 + clip_high] and detached, so clipped tokens still get a gradient; by default no lower bound and
+    clip_high 4), kl_cov or clip_cov (Cui et al. 2025: a penalty on, or removal of, the few tokens whose
     log-prob/advantage covariance is highest, against entropy collapse; over each micro-batch's tokens)."""
     cov_frac: float | None = None
     """Fraction of tokens kl_cov / clip_cov act on; null = the paper's (kl_cov 2e-3, clip_cov 2e-4)."""
+    kl_cov_coef: float = 1.0
+    """Weight of kl_cov's |log r| penalty on its tokens: 1 in verl's recipe/entropy (Qwen2.5-7B), 0.1 is verl's
+    config default (ppo_kl_coef)."""
     entropy_top_frac: float | None = None
     """Train only on each micro-batch's highest-entropy completion tokens, this fraction of them (Wang et al.
     2025, "Beyond the 80/20 rule": 0.2); the rest get no policy gradient. null = off."""
@@ -579,8 +585,7 @@ def validate(config: Config) -> None:
             f"train.prompts_per_step={train.prompts_per_step} is not divisible by algorithm.minibatches="
             f"{algo.minibatches}: whole groups make up a mini-batch, so pick a divisor"
         )
-    if algo.clip_low < 0 or algo.clip_low >= 1 or algo.clip_high < 0:
-        raise ConfigError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
+    _resolve_clip_range(algo)
     if algo.dual_clip is not None and algo.dual_clip <= 1:
         raise ConfigError("algorithm.dual_clip must be > 1 (or null to switch it off)")
     if algo.overlong_buffer < 0 or algo.overlong_buffer > rollout.max_new_tokens:
@@ -659,6 +664,25 @@ def _validate_tools(config: Config) -> None:
         raise ConfigError("tools.call_start, call_end, output_start and output_end must not be empty")
 
 
+CLIP_DEFAULTS = {"cispo": (None, 4.0)}
+"""(clip_low, clip_high) of a policy loss when the recipe sets none; the others take PPO's (0.2, 0.2)."""
+
+
+def _resolve_clip_range(algo: AlgorithmConfig) -> None:
+    """Fill an unset clip bound with the policy loss's own (CLIP_DEFAULTS) and check the range."""
+    low, high = CLIP_DEFAULTS.get(algo.policy_loss, (0.2, 0.2))
+    algo.clip_low = low if algo.clip_low is None else algo.clip_low
+    algo.clip_high = high if algo.clip_high is None else algo.clip_high
+    if algo.policy_loss == "cispo":
+        if (algo.clip_low is not None and algo.clip_low < 0) or algo.clip_high < 0:
+            raise ConfigError("algorithm.clip_low and clip_high must be >= 0 (clip_low null: no lower bound)")
+    elif algo.clip_low < 0 or algo.clip_low >= 1 or algo.clip_high < 0:
+        raise ConfigError(
+            f"algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0 for policy_loss="
+            f"{algo.policy_loss} (only cispo takes no lower bound)"
+        )
+
+
 def _validate_loss_menu(config: Config) -> None:
     """The loss menu's knobs (rl/losses.py): ranges, and the combinations that cannot work, each with why."""
     algo = config.algorithm
@@ -693,6 +717,15 @@ def _validate_loss_menu(config: Config) -> None:
         raise ConfigError("algorithm.cov_frac must be in (0, 1] (e.g. 2e-3), or null for the paper's")
     if algo.cov_frac is not None and algo.policy_loss not in ("kl_cov", "clip_cov"):
         raise ConfigError("algorithm.cov_frac is for policy_loss kl_cov or clip_cov")
+    if algo.kl_cov_coef < 0:
+        raise ConfigError("algorithm.kl_cov_coef must be >= 0 (1 in verl's recipe, 0.1 its default)")
+    if algo.ratio_level != "token" and algo.loss_agg != "seq_mean_token_mean":
+        warnings.warn(
+            f"algorithm.ratio_level={algo.ratio_level} (GSPO) with loss_agg={algo.loss_agg} weights each sequence "
+            "by its length, not by the paper's 1/G: set algorithm.loss_agg=seq_mean_token_mean for GSPO's "
+            "objective",
+            stacklevel=2,
+        )
     if algo.ratio_level != "token" and algo.policy_loss != "ppo_clip":
         raise ConfigError(
             f"algorithm.ratio_level={algo.ratio_level} is GSPO's clipped sequence ratio: it replaces the "

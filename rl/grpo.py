@@ -9,7 +9,8 @@ Variants are independent knobs (see docs/papers.md for which paper sets which):
     advantage            grpo (group_advantages) | passk (passk_advantages: Chen et al. 2025, pass@k training)
     advantage baseline   mean (GRPO) | loo (RLOO, leave-one-out)
     advantage scale      group (GRPO: / group std) | batch (/ batch std of the rewards: Lite PPO, TRL "batch")
-                         | batch_centered (/ batch std of the centred rewards: REINFORCE++-baseline)
+                         | batch_centered (the centred rewards whitened over the batch's tokens:
+                         REINFORCE++-baseline)
                          | none (Dr. GRPO)
     clip range           clip_low, clip_high (DAPO "clip-higher" when clip_high > clip_low), dual_clip
     loss aggregation     token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_mean_token_sum_norm (Dr. GRPO)
@@ -36,6 +37,7 @@ def group_advantages(
     scale: Scale = "group",
     eps: float = 1e-6,
     scored: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages, one per sample.
 
@@ -44,18 +46,19 @@ def group_advantages(
         b_i = (sum_j r_j - r_i) / (G - 1)     baseline="loo"    (RLOO, Ahmadian et al. 2024)
         s   = std_j r_j + eps                 scale="group"     (GRPO)
         s   = std of all rewards + eps        scale="batch"     (Lite PPO, Liu et al. 2025; TRL's "batch")
-        s   = std_batch (r_j - b_j) + eps     scale="batch_centered"  (REINFORCE++-baseline, Hu et al. 2025:
-                                                                 the spread left once group means are gone)
+        c_i = r_i - b_i, whitened over the batch's tokens    scale="batch_centered"  (REINFORCE++-baseline,
+                                                                 Hu et al. 2025; token_whiten: see below)
         s   = 1                               scale="none"      (Dr. GRPO, Liu et al. 2025: std scaling biases
                                                                  toward too-easy and too-hard questions)
     std is the unbiased sample std (torch.std), as in the GRPO reference code.
 
-    REINFORCE++-baseline in verl (core_algos.py::compute_reinforce_plus_plus_baseline_outcome_advantage) is
-    scale="batch_centered" with three differences: its batch mean and std are over tokens (a sequence counts
-    |o_i| times; with equal lengths L, Bessel's factor counts B*L tokens instead of B sequences), it
-    re-subtracts that token-weighted mean (0 here, and 0 there when lengths are equal), and a group with one
-    sample keeps its raw reward (0 here). scale="batch" is not REINFORCE++: its std also holds the spread
-    between prompts, so its advantages are smaller.
+    scale="batch_centered" is REINFORCE++-baseline as the paper writes it and verl computes it
+    (core_algos.py::compute_reinforce_plus_plus_baseline_outcome_advantage with masked_whiten): the centred
+    rewards, one per token, are whitened over the batch's tokens, each sequence counted |o_i| = `lengths`
+    times (token_whiten). `lengths` None counts each sample once (then the token statistics are the sequence
+    statistics). One difference is left: a group with fewer than 2 scored samples gets 0 here, where verl
+    keeps a lone sample's raw reward. scale="batch" is not REINFORCE++: its std also holds the spread between
+    prompts, so its advantages are smaller.
 
     Unscored samples (`scored` False: no reward function scored them) take no part: j runs over the group's
     scored samples only, G is their count, the batch std is over scored rewards, and an unscored sample's
@@ -64,6 +67,7 @@ def group_advantages(
     Args:
         rewards: [P, G] scalar reward of each sample, grouped by prompt (any value where unscored).
         scored: [P, G] bool, optional (default: all scored).
+        lengths: [P, G] completion tokens of each sample, for scale="batch_centered" (default: 1 each).
     Returns:
         [P, G] advantages.
 
@@ -77,7 +81,7 @@ def group_advantages(
     if scale not in ("group", "batch", "batch_centered", "none"):
         raise ValueError(f"unknown scale {scale!r}")
     if scored is not None and not bool(scored.all()):
-        return _masked_group_advantages(rewards, scored, baseline, scale, eps)
+        return _masked_group_advantages(rewards, scored, baseline, scale, eps, lengths)
     group_size = rewards.shape[1]
     if baseline == "mean":
         centered = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
@@ -99,12 +103,17 @@ def group_advantages(
     if scale == "batch_centered":
         if rewards.numel() < 2:
             raise ValueError("scale='batch_centered' needs at least 2 rewards")
-        return centered / (centered.std() + eps)
+        return token_whiten(centered, torch.ones_like(centered) if lengths is None else lengths)
     return centered
 
 
 def _masked_group_advantages(
-    rewards: torch.Tensor, scored: torch.Tensor, baseline: Baseline, scale: Scale, eps: float
+    rewards: torch.Tensor,
+    scored: torch.Tensor,
+    baseline: Baseline,
+    scale: Scale,
+    eps: float,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`group_advantages` over the scored samples only (see there); 0 where unscored or where the group has
     fewer than 2 scored samples."""
@@ -121,9 +130,37 @@ def _masked_group_advantages(
         var = (torch.where(scored, r - mean, torch.zeros_like(r)) ** 2).sum(dim=1, keepdim=True)
         std = (var / (n - 1).clamp(min=1)).sqrt()  # [P, 1] unbiased
         return centered / (std + eps)
-    values = centered[usable] if scale == "batch_centered" else rewards[scored]  # [scored samples]
+    if scale == "batch_centered":
+        weights = torch.ones_like(r) if lengths is None else lengths.to(r.dtype)  # [P, G]
+        whitened = token_whiten(centered, torch.where(usable, weights, torch.zeros_like(weights)))
+        return torch.where(usable, whitened, torch.zeros_like(whitened))
+    values = rewards[scored]  # [scored samples]
     std = values.std() if values.numel() >= 2 else torch.zeros((), dtype=rewards.dtype)
     return centered / (std + eps)
+
+
+def token_whiten(values: torch.Tensor, tokens: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten one value per sequence over the batch's tokens: REINFORCE++'s batch normalisation of the
+    advantage (Hu et al. 2025), as verl's masked_whiten computes it on a value repeated over each sequence.
+
+        N = sum_i n_i,   m = (1/N) sum_i n_i v_i,   var = (1/(N - 1)) sum_i n_i (v_i - m)^2
+        out_i = (v_i - m) / sqrt(var + eps)
+    n_i = `tokens`, the sequence's completion tokens: a sequence counts once per token, so long ones weigh
+    more; the token-weighted mean is subtracted again; Bessel's correction counts tokens (N - 1, at least 1).
+    verl adds 1e-8 to N in its means as well (a difference below 1e-8 relative).
+
+    Args:
+        values: [P, G] one value per sequence.  tokens: [P, G] its token count (0: takes no part).
+    Returns:
+        [P, G] whitened values.
+
+    Example: values [[1, -1]], tokens [[1, 3]]: N 4, m -0.5, var (2.25 + 3 * 0.25) / 3 = 1 -> [[1.5, -0.5]].
+    """
+    n = tokens.to(values.dtype)  # [P, G]
+    total = n.sum()
+    mean = (n * values).sum() / total.clamp(min=eps)
+    var = (n * (values - mean) ** 2).sum() / (total - 1).clamp(min=1)
+    return (values - mean) / torch.sqrt(var + eps)
 
 
 def passk_advantages(
@@ -202,6 +239,8 @@ def policy_loss(
     clip_high > clip_low is DAPO's "clip-higher" (Yu et al. 2025): lets low-probability tokens grow.
     dual_clip = c > 1 bounds the loss of negative-advantage tokens: for A < 0, L_t = min(L_t, -c * A)
     (dual-clip PPO, Ye et al. 2020), so a huge ratio on a bad token cannot blow up the update.
+    The log-ratio is clamped to +-LOG_RATIO_CLAMP (20) before exp, as verl does: a token whose log-prob moved
+    by more (a diverging run, engine/trainer drift) gets r = e^+-20 and no gradient through r, not inf/NaN.
 
     Args:
         logprobs: [B, T] log-probs of the sampled tokens under the current policy (with grad).
@@ -214,7 +253,7 @@ def policy_loss(
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)  # [B, 1], broadcast over tokens
-    ratio = torch.exp(logprobs - old_logprobs)  # [B, T]
+    ratio = torch.exp(clamped_log_ratio(logprobs, old_logprobs))  # [B, T]
     unclipped = ratio * advantages  # [B, T]
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages  # [B, T]
     loss = -torch.minimum(unclipped, clipped)  # [B, T]
@@ -226,6 +265,18 @@ def policy_loss(
     clipped_low = (ratio < 1.0 - clip_low) & (advantages < 0)
     clipped_high = (ratio > 1.0 + clip_high) & (advantages > 0)
     return loss, clipped_low, clipped_high
+
+
+LOG_RATIO_CLAMP = 20.0
+"""|log r| past which the importance ratio stops growing (verl's compute_policy_loss_* clamp at +-20)."""
+
+
+def clamped_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """log r_t = logp_t - old_logp_t clamped to [-20, 20], so exp(log r_t) is finite in float32 and bfloat16.
+
+    Example: log-ratios [[0.5, 50, -50]] -> [[0.5, 20, -20]].
+    """
+    return (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
 def kl_penalty(

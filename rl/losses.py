@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from rl.grpo import policy_loss
+from rl.grpo import clamped_log_ratio, policy_loss
 
 Mismatch = Literal["none", "tis", "token_mask", "sequence_mask"]
 
@@ -55,8 +55,10 @@ def gspo_loss(
         s_i = exp(sequence_log_ratio)                      the geometric mean of the token ratios
         L_i = -min(s_i * A_i, clip(s_i, 1 - clip_low, 1 + clip_high) * A_i), written on every token of y_i
 
-    With aggregate_loss(..., "seq_mean_token_mean") the result is the paper's 1/G sum_i L_i (verl forces that
-    aggregation for GSPO; TRL warns for the token-sum ones, which weight a sequence by its length).
+    With aggregate_loss(..., "seq_mean_token_mean") the result is the paper's 1/G sum_i L_i. token_mean and
+    seq_mean_token_sum_norm weight a sequence by its length instead (|y_i| / sum_j |y_j|, |y_i| / max_len):
+    rl/config.py warns at start, as TRL does. verl 0.9.1 aggregates GSPO by its loss_agg_mode too (its
+    values differ by mode; its 0.8 line forced seq-mean-token-mean).
     token_level=True is GSPO-token: s_it = sg[s_i] * pi(y_it) / sg[pi(y_it)] has the value s_i but
     the gradient s_i * grad logp_it of token t alone, so per-token advantages A_it can be used; with one A_i
     per sequence its gradient equals GSPO's exactly.
@@ -64,8 +66,8 @@ def gspo_loss(
     3e-4, clip_high 4e-4 (sec. 5.1), as do verl's examples/gspo_trainer and TRL's GSPO docs, with no KL and
     several minibatches per rollout. With one update per rollout s_i = 1, and GSPO's gradient is GRPO's
     (under seq_mean_token_mean): the clip only acts off-policy.
-    Conventions: verl clamps log s_it at 10 before exp (not here, as policy_loss does not clamp); TRL's
-    importance_sampling_level="sequence" is token_level=False.
+    Conventions: log s_it is clamped to +-20 before exp (policy_loss's clamp; verl clamps it at 10 above, a
+    ratio GSPO's clip bounds either way); TRL's importance_sampling_level="sequence" is token_level=False.
 
     Args:
         logprobs, old_logprobs: [B, T].  advantages: [B] or [B, T].  mask: [B, T] 1 for completion tokens.
@@ -97,11 +99,13 @@ def cispo_loss(
 
     Where PPO's clipped surrogate gives a clipped token no gradient at all, CISPO keeps it, only bounds its
     weight. The loss value is not PPO's (it carries logp_t); at r = 1 the gradients are equal.
-    Clip convention: the bounds are 1 - clip_low and 1 + clip_high, as clip_low/clip_high mean in policy_loss.
-    MiniMax sets no lower bound (eps_low large) and tunes the upper one: clip_low=None. verl (core_algos.py::
-    compute_policy_loss_cispo) clamps to [1 - clip_ratio_low, 1 + clip_ratio_high] with the actor's PPO clip
-    values (0.2 unless set); TRL (loss_type="cispo") clamps r at epsilon_high itself, with no lower bound, and
-    recommends epsilon_high = 5 (ScaleRL's eps_max): that is clip_high=4 here, the default.
+    Clip convention: the bounds are 1 - clip_low and 1 + clip_high, as clip_low/clip_high mean in policy_loss;
+    clip_low=None (or >= 1) is no lower bound. MiniMax sets none (eps_low large) and tunes the upper one.
+    verl (core_algos.py::compute_policy_loss_cispo) clamps to [1 - clip_ratio_low, 1 + clip_ratio_high] with
+    the actor's clips, and its examples/cispo_trainer sets clip_ratio_low 10 (no lower bound) and
+    clip_ratio_high 0.2; TRL (loss_type="cispo") clamps r at epsilon_high itself, with no lower bound, and
+    recommends epsilon_high = 5 (ScaleRL's eps_max): that is clip_high=4 here, the default, and
+    algorithm.policy_loss=cispo's when the recipe sets no clip. The log-ratio is clamped to +-20 before exp.
 
     Args:
         logprobs: [B, T] (with grad).  old_logprobs: [B, T].  advantages: [B] or [B, T].
@@ -113,8 +117,8 @@ def cispo_loss(
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)  # [B, 1]
-    ratio = torch.exp(logprobs.detach() - old_logprobs)  # [B, T], no gradient
-    low = 0.0 if clip_low is None else 1.0 - clip_low
+    ratio = torch.exp(clamped_log_ratio(logprobs.detach(), old_logprobs))  # [B, T], no gradient
+    low = 0.0 if clip_low is None else max(1.0 - clip_low, 0.0)
     weight = ratio.clamp(min=low, max=1.0 + clip_high)  # [B, T]
     loss = -weight * advantages * logprobs  # [B, T]
     return loss, ratio < low, ratio > 1.0 + clip_high
@@ -265,9 +269,10 @@ def kl_cov_loss(
 
         L_t = -r_t * A_t + coef * |logp_t - old_logp_t| * 1[t among the max(1, floor(frac * N)) largest Cov_t]
 
-    Recommended (verl recipe/entropy, Qwen2.5-7B): frac 2e-3, coef 1; verl's config defaults are 2e-4 and 0.1.
-    Same as verl's compute_policy_loss_kl_cov; the covariance and the count are over the tokens passed in (one
-    micro-batch in verl too).
+    Recommended (verl recipe/entropy, Qwen2.5-7B): frac 2e-3, coef 1 (algorithm.kl_cov_coef); verl's config
+    defaults are kl_cov_ratio 2e-4 and ppo_kl_coef 0.1. Same as verl's compute_policy_loss_kl_cov; the
+    covariance and the count are over the tokens passed in (one micro-batch in verl too). r_t is
+    exp(clamped_log_ratio), clamped to +-20 as verl's other losses are; the penalty takes the raw |log r_t|.
 
     Args:
         logprobs: [B, T] (with grad).  old_logprobs: [B, T].  advantages: [B] or [B, T].  mask: [B, T].
@@ -285,7 +290,8 @@ def kl_cov_loss(
     penalised = torch.zeros_like(ranked, dtype=torch.bool)
     penalised[torch.topk(ranked, min(count, int(mask.bool().sum()))).indices] = True
     penalised = penalised.view_as(cov)  # [B, T]
-    loss = -torch.exp(log_ratio) * adv + coef * log_ratio.abs() * penalised  # [B, T]
+    ratio = torch.exp(clamped_log_ratio(logprobs, old_logprobs))  # [B, T]
+    loss = -ratio * adv + coef * log_ratio.abs() * penalised  # [B, T]
     return loss, penalised
 
 

@@ -125,7 +125,9 @@ def _policy_loss(
     if algo.policy_loss == "cispo":
         return cispo_loss(logp, old, adv, algo.clip_low, algo.clip_high)
     if algo.policy_loss == "kl_cov":
-        loss, penalised = kl_cov_loss(logp, old, adv, mask, algo.cov_frac or COV_FRAC["kl_cov"])
+        loss, penalised = kl_cov_loss(
+            logp, old, adv, mask, algo.cov_frac or COV_FRAC["kl_cov"], algo.kl_cov_coef
+        )
         counts["policy/cov_frac"] = (float(penalised.sum()), float(mask.sum()))
         none = torch.zeros_like(penalised)
         return loss, none, none

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 
-from rl.grpo import aggregate_loss, group_advantages, passk_advantages, policy_loss
+from rl.batch import Round, StepBatch, rank_advantages
+from rl.config import load_config
+from rl.distributed import Distributed
+from rl.errors import ConfigError
+from rl.grpo import aggregate_loss, group_advantages, passk_advantages, policy_loss, token_whiten
 from rl.losses import (
     cispo_loss,
     clip_cov_loss,
@@ -25,6 +30,8 @@ from rl.losses import (
     sequence_log_ratio,
     top_entropy_mask,
 )
+from rl.trajectory import Trajectory
+from rl.update import MicroBatch, micro_batch_loss
 
 D = torch.float64
 # 2 sequences x 3 tokens; the first has 2 completion tokens and one pad
@@ -556,11 +563,54 @@ def test_batch_centered_is_verl_reinforce_pp_baseline():
     torch.testing.assert_close(
         ours, _verl_reinforce_pp_baseline(rewards, torch.ones(20, 1, dtype=D)), atol=1e-5, rtol=0
     )
-    # equal lengths L: verl's Bessel factor counts B * L tokens: verl = ours * sqrt((B L - 1) / (L (B - 1)))
+    # equal lengths L, ours told only one token each: verl's Bessel factor counts B * L tokens, so
+    # verl = ours * sqrt((B L - 1) / (L (B - 1))); told the lengths, ours is verl's
     b, length = 20, 3
     verl = _verl_reinforce_pp_baseline(rewards, torch.ones(b, length, dtype=D))
     factor = math.sqrt((b * length - 1) / (length * (b - 1)))
     torch.testing.assert_close(verl, ours * factor, atol=1e-5, rtol=0)
+    told = group_advantages(rewards, "mean", "batch_centered", lengths=torch.full((4, 5), 3.0, dtype=D))
+    torch.testing.assert_close(told, verl, atol=1e-6, rtol=0)
+
+
+def test_token_whiten_counts_each_sequence_once_per_token():
+    # N 4, token-weighted mean (1 - 3) / 4 = -0.5, var (1.5^2 + 3 * 0.5^2) / 3 = 1
+    got = token_whiten(torch.tensor([[1.0, -1.0]], dtype=D), torch.tensor([[1, 3]]))
+    torch.testing.assert_close(got, torch.tensor([[1.5, -0.5]], dtype=D), atol=1e-7, rtol=0)
+
+
+def test_batch_centered_whitens_over_tokens_as_verl_does_with_unequal_lengths():
+    # REWARDS centred [[2/3, -1/3, -1/3], [1/3, 1/3, -2/3]], lengths [[1, 2, 3], [4, 5, 6]]: N 21,
+    # token mean (2/3 - 2/3 - 1 + 4/3 + 5/3 - 4) / 21 = -2/21; centred again [[16, -5, -5], [9, 9, -12]] / 21;
+    # unbiased token variance (256 + 2 * 25 + 3 * 25 + 4 * 81 + 5 * 81 + 6 * 144) / 441 / 20 = 47/210
+    lengths = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=D)
+    got = group_advantages(REWARDS, "mean", "batch_centered", lengths=lengths)
+    want = torch.tensor([[16, -5, -5], [9, 9, -12]], dtype=D) / 21 / math.sqrt(47 / 210 + 1e-8)
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    assert got[0].tolist() == pytest.approx([1.6105, -0.5033, -0.5033], abs=1e-4)
+    torch.manual_seed(11)
+    rewards, lengths = torch.randn(4, 5, dtype=D), torch.randint(1, 9, (4, 5))
+    mask = (torch.arange(8) < lengths.reshape(-1, 1)).to(D)  # [20, 8], a ragged batch
+    verl = _verl_reinforce_pp_baseline(rewards, mask)
+    torch.testing.assert_close(
+        group_advantages(rewards, "mean", "batch_centered", lengths=lengths), verl, atol=1e-6, rtol=0
+    )
+    sequence_level = group_advantages(rewards, "mean", "batch_centered")  # each sample counted once
+    assert (sequence_level - verl).abs().max() > 0.05  # what token weighting changes
+
+
+def test_batch_centered_leaves_unscored_samples_and_lone_groups_out_of_the_token_statistics():
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, 0.0, nan], [nan, 1.0, nan], [0.0, 1.0, 1.0]], dtype=D)
+    lengths = torch.tensor([[2, 2, 50], [40, 40, 40], [1, 1, 1]], dtype=D)
+    got = group_advantages(rewards, "mean", "batch_centered", scored=~rewards.isnan(), lengths=lengths)
+    # usable: group 0 (centred 0.5, -0.5, 2 tokens each) and group 2 (-2/3, 1/3, 1/3, 1 token each)
+    centred = torch.tensor([0.5, -0.5, -2 / 3, 1 / 3, 1 / 3], dtype=D)
+    tokens = torch.tensor([2, 2, 1, 1, 1], dtype=D)
+    expected = token_whiten(centred.unsqueeze(0), tokens.unsqueeze(0))[0]
+    torch.testing.assert_close(got[0, :2], expected[:2])
+    torch.testing.assert_close(got[2], expected[2:])
+    assert got[0, 2].item() == 0.0 and got[1].tolist() == [0.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------- dual clip
@@ -706,3 +756,112 @@ def test_clip_cov_draw_is_repeatable_with_a_seeded_generator():
         for _ in range(2)
     ]
     assert torch.equal(draws[0], draws[1]) and draws[0].sum().item() == 3  # floor(0.05 * 64)
+
+
+# ---------------------------------------------------------------- the log-ratio clamp (+-20, as verl)
+
+
+def test_log_ratios_of_50_give_the_clipped_value_not_inf_or_nan():
+    # float32: exp(50) = 5e21 and exp(100) = inf; inf * A = 0 gives NaN. Clamped at +-20 before exp:
+    log_ratio = torch.tensor([[50.0, -50.0, 100.0], [50.0, -50.0, 100.0]])
+    adv = torch.tensor([[1.0], [-1.0]])
+    logp, old = _logps(log_ratio, torch.full((2, 3), -1.0))
+    loss, low, high = policy_loss(logp, old, adv)
+    e20 = math.exp(20.0)
+    # A > 0: r past 1.2 is clipped, r = e^-20 is the unclipped min; A < 0: r = e^20 is the max, e^-20 clipped
+    want = torch.tensor([[-1.2, -math.exp(-20.0), -1.2], [e20, 0.8, e20]])
+    torch.testing.assert_close(loss, want)
+    assert high[0].tolist() == [True, False, True] and low[1].tolist() == [False, True, False]
+    assert torch.isfinite(_grad(loss.sum(), logp)).all()
+    zero_adv, _, _ = policy_loss(logp, old, torch.zeros(2, 1))  # inf * 0 would be NaN
+    assert zero_adv.abs().sum().item() == 0.0
+
+
+def test_gspo_cispo_and_kl_cov_stay_finite_at_log_ratios_of_50():
+    log_ratio = torch.tensor([[50.0, 50.0], [-50.0, -50.0]])
+    logp, old = _logps(log_ratio, torch.full((2, 2), -1.0))
+    adv, mask = torch.tensor([-1.0, 1.0]), torch.ones(2, 2)
+    gspo, _, _ = gspo_loss(logp, old, adv, mask, 0.2, 0.2)  # s = e^+-50 -> e^+-20
+    torch.testing.assert_close(gspo, torch.tensor([[math.exp(20.0)] * 2, [-math.exp(-20.0)] * 2]))
+    cispo, low, high = cispo_loss(logp, old, adv, clip_low=0.2, clip_high=0.2)
+    torch.testing.assert_close(cispo, torch.tensor([[1.2 * 49.0] * 2, [0.8 * 51.0] * 2]))
+    assert high[0].all() and low[1].all()
+    kl_cov, penalised = kl_cov_loss(logp, old, adv, mask, frac=0.25, coef=0.1)
+    exp_part = torch.tensor([[math.exp(20.0)] * 2, [-math.exp(-20.0)] * 2])
+    torch.testing.assert_close(kl_cov, exp_part + 0.1 * 50.0 * penalised)  # the penalty keeps the raw |log r|
+    for loss in (gspo, cispo, kl_cov):
+        assert torch.isfinite(_grad(loss.sum(), logp)).all()
+
+
+# ---------------------------------------------------------------- the knobs in the config
+
+
+def _algorithm(*overrides: str):
+    return load_config(None, list(overrides)).algorithm
+
+
+def test_cispo_without_clips_takes_no_lower_bound_and_a_weight_cap_of_5():
+    algo = _algorithm("algorithm.policy_loss=cispo")
+    assert (algo.clip_low, algo.clip_high) == (None, 4.0)
+    assert (_algorithm().clip_low, _algorithm().clip_high) == (0.2, 0.2)  # PPO keeps 0.2 / 0.2
+    # verl's example (clip_ratio_low 10, high 0.2) and an explicit bound of 0 are accepted for cispo only
+    assert _algorithm("algorithm.policy_loss=cispo", "algorithm.clip_low=10").clip_low == 10
+    assert _algorithm("algorithm.policy_loss=cispo", "algorithm.clip_low=1.0").clip_low == 1.0
+    assert _algorithm("algorithm.policy_loss=cispo", "algorithm.clip_low=null").clip_low is None
+    with pytest.raises(ConfigError, match="only cispo takes no lower bound"):
+        _algorithm("algorithm.clip_low=1.0")
+    with pytest.raises(ConfigError, match="clip_low and clip_high must be >= 0"):
+        _algorithm("algorithm.policy_loss=cispo", "algorithm.clip_high=-1")
+
+
+def test_cispo_with_a_lower_bound_of_1_or_more_bounds_nothing():
+    logp, old = _logps(torch.log(CISPO_RATIO), CISPO_LOGP - torch.log(CISPO_RATIO))
+    none, low_none, _ = cispo_loss(logp, old, CISPO_ADV, clip_low=None, clip_high=0.2)
+    for clip_low in (1.0, 10.0):
+        loss, low, _ = cispo_loss(logp, old, CISPO_ADV, clip_low=clip_low, clip_high=0.2)
+        torch.testing.assert_close(loss, none)
+        assert not low.any() and not low_none.any()
+
+
+def test_kl_cov_coefficient_is_a_setting_defaulting_to_verls_recipe_value():
+    assert _algorithm().kl_cov_coef == 1.0
+    assert _algorithm("algorithm.policy_loss=kl_cov", "algorithm.kl_cov_coef=0.1").kl_cov_coef == 0.1
+    with pytest.raises(ConfigError, match="kl_cov_coef must be >= 0"):
+        _algorithm("algorithm.kl_cov_coef=-1")
+
+
+def test_kl_cov_coefficient_reaches_the_loss():
+    logp, old = _logps(torch.tensor([[LN(2), 0.0, 0.0]]), torch.tensor([[-0.5 - LN(2), -1.0, -1.5]]))
+    mb = MicroBatch(logp, old, old, torch.tensor([1.0]), torch.ones(1, 3), torch.zeros(1, 3))
+    norm = {"max_len": 3, "num_seqs": 1, "num_tokens": 3}
+    losses = [
+        micro_batch_loss(mb, _algorithm("algorithm.policy_loss=kl_cov", f"algorithm.kl_cov_coef={c}"), norm)
+        for c in (1.0, 0.1)
+    ]
+    # token_mean of -r A (+ coef |log r| on the one penalised token, log r = ln 2): the coefficient's share
+    diff = (losses[0].loss - losses[1].loss).item()
+    assert diff == pytest.approx(0.9 * LN(2) / 3, rel=1e-5)
+
+
+def test_gspo_with_a_length_weighted_aggregation_warns_at_start():
+    with pytest.warns(UserWarning, match="weights each sequence by its length"):
+        _algorithm("algorithm.ratio_level=sequence", "algorithm.loss_agg=token_mean")
+    with pytest.warns(UserWarning, match="not by the paper's 1/G"):
+        _algorithm("algorithm.ratio_level=sequence_token", "algorithm.loss_agg=seq_mean_token_sum_norm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _algorithm("algorithm.ratio_level=sequence", "algorithm.loss_agg=seq_mean_token_mean")
+        _algorithm("algorithm.loss_agg=token_mean")  # the token ratio: token_mean is DAPO's choice
+
+
+def test_the_step_batch_whitens_reinforce_pp_advantages_by_each_samples_model_tokens():
+    groups = [
+        [Trajectory(0, [1], [5] * n, [0.0] * n, reward=r) for n, r in zip(ns, rs, strict=True)]
+        for ns, rs in (((1, 2, 3), (1.0, 0.0, 0.0)), ((4, 5, 6), (1.0, 1.0, 0.0)))
+    ]
+    batch = StepBatch(groups, Round(groups, None), 1, 0, 0.0, 0.0)
+    algo = _algorithm("algorithm.scale=batch_centered")
+    got = rank_advantages(batch, algo, Distributed(torch.device("cpu")))
+    lengths = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.float32)
+    want = group_advantages(REWARDS.float(), "mean", "batch_centered", lengths=lengths)
+    torch.testing.assert_close(got, want)
