@@ -108,6 +108,7 @@ class VLLMEngine:
         logger.info("%s", self.summary)
         _quiet_reload_warnings()
         self._check_device()
+        self._fused = self._fused_shards()
         self._warm_up(model_path)
 
     def _llm_kwargs(
@@ -156,6 +157,16 @@ class VLLMEngine:
             raise EngineError(f"vLLM could not start on {kwargs['model']!r}: {_describe(err)}") from err
         finally:
             torch.set_num_threads = set_num_threads
+
+    def _fused_shards(self) -> dict[str, list[str]]:
+        """Each fused engine parameter (q/k/v, gate/up) -> the checkpoint names of its shards. vLLM's log of
+        weights it did not receive covers whole parameters only: a fused weight missing one shard is loaded
+        with that shard left as freshly allocated memory, silently."""
+        try:
+            return self.llm.apply_model(_fused_shard_names)[0]
+        except Exception as err:  # an engine whose model cannot be reached: the whole-parameter check only
+            logger.warning("cannot list the engine's fused weights (%s): only whole weights are checked", err)
+            return {}
 
     def _check_device(self) -> None:
         """Each rank's engine must run on the rank's own GPU, and leave it as the process's current device."""
@@ -259,15 +270,17 @@ class VLLMEngine:
         """Copy the policy's current weights into vLLM's model, in place, through memory; then the KV cache
         comes back if sleep released it (so loading never has it allocated beside the weights)."""
         self._check_usable(sampling=False)  # new weights are what a level-2 sleep is waiting for
-        sent = self._weights(policy)
+        names: set[str] = set()
+        sent = ((names.add(name), (name, tensor))[1] for name, tensor in self._weights(policy))
         try:
             with _UnloadedWeights() as unloaded:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": sent})
-            if unloaded.names:
+            missing = sorted(unloaded.names) + _missing_shards(self._fused, names)
+            if missing:
                 raise EngineError(
-                    f"the weight sync left engine parameters without a new tensor: {sorted(unloaded.names)}. "
-                    "After a level-2 sleep they would hold garbage; the policy's state_dict names must cover "
-                    "every weight of the engine's model"
+                    f"the weight sync left engine parameters without a new tensor: {missing}. They would "
+                    "hold garbage (a fused q/k/v or gate/up shard always; a whole weight after a level-2 "
+                    "sleep); the policy's state_dict names must cover every weight of the engine's model"
                 )
             if self._kv_asleep:
                 self.llm.wake_up(tags=["kv_cache"])
@@ -414,6 +427,34 @@ def _describe(err: BaseException) -> str:
     """`Type: message` on one line, cut at 500 characters (vLLM's messages can run to pages)."""
     text = " ".join(str(err).split()) or "(no message)"
     return f"{type(err).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
+
+
+def _fused_shard_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Run inside vLLM (`LLM.apply_model`): each parameter of a fused layer (the model's
+    `packed_modules_mapping`, e.g. qkv_proj -> q_proj, k_proj, v_proj) -> its shards' checkpoint names.
+
+        {"model.layers.0.self_attn.qkv_proj.weight": ["model.layers.0.self_attn.q_proj.weight", ...]}
+    """
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    fused = {}
+    for name, _ in model.named_parameters():
+        module, _, leaf = name.replace(".base_layer.", ".").rpartition(".")
+        prefix, _, layer = module.rpartition(".")
+        if layer in packed:
+            fused[name] = [
+                f"{prefix}.{shard}.{leaf}" if prefix else f"{shard}.{leaf}" for shard in packed[layer]
+            ]
+    return fused
+
+
+def _missing_shards(fused: dict[str, list[str]], sent: set[str]) -> list[str]:
+    """The shards of fused parameters that received some shards but not all (`sent`: the names the sync
+    sent). A fused parameter that received none is in vLLM's own list of weights not loaded."""
+    missing = []
+    for shards in fused.values():
+        if any(s in sent for s in shards):
+            missing += [s for s in shards if s not in sent]
+    return sorted(missing)
 
 
 class _UnloadedWeights(logging.Handler):

@@ -293,6 +293,22 @@ def test_a_weight_the_sync_did_not_send_is_an_engine_error(model_dir, tok, live_
         eng.update_weights(load(model_dir))
 
 
+def test_a_fused_weight_shard_the_sync_did_not_send_is_an_engine_error(model_dir, tok, engine, monkeypatch):
+    # v_proj alone left out: vLLM's qkv_proj gets q and k, logs nothing, and keeps fresh memory for v.
+    _require_vllm()
+    assert "model.layers.0.self_attn.qkv_proj.weight" in engine._fused
+    real = engine._weights
+    left_out = "model.layers.1.self_attn.v_proj.weight"
+    monkeypatch.setattr(engine, "_weights", lambda p: ((n, t) for n, t in real(p) if n != left_out))
+    with pytest.raises(
+        EngineError, match=r"without a new tensor: \['model.layers.1.self_attn.v_proj.weight'\]"
+    ):
+        engine.update_weights(load(model_dir))
+    monkeypatch.undo()
+    engine._failure = None  # the shared engine goes on for the other tests, with every weight synced
+    engine.update_weights(load(model_dir))
+
+
 def test_a_sync_changes_generations_and_matches_an_engine_built_from_the_saved_weights(
     engine, model_dir, tok, tmp_path, live_engines
 ):
