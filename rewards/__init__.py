@@ -6,7 +6,7 @@ dataset row fields (``answer``, ``tests``, ``target``, ``numbers``, ...) as list
 lists.
 
 Built-ins: ``math`` (symbolic answer check), ``format`` (R1-Zero tags), ``countdown`` (arithmetic target),
-``code`` (tests in a bubblewrap sandbox); model-based: ``judge`` (an LLM behind an OpenAI-compatible endpoint)
+``code`` (tests in a bubblewrap sandbox), ``environment`` (an environment's own score); model-based: ``judge`` (an LLM behind an OpenAI-compatible endpoint)
 and ``reward_model`` (a sequence-classification model). Public API::
 
     from rewards import RewardSpec, RewardScorer, get_reward, register_reward
@@ -22,6 +22,7 @@ This package never imports ``rl`` or ``rollouts``. See docs/rewards.md.
 from rewards import (  # noqa: F401 - importing registers the built-ins
     code,
     countdown,
+    environment,
     format,
     judge,
     math,

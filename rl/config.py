@@ -317,6 +317,29 @@ class TrackConfig:
     """Alarm when every reward is 0 for this many steps in a row."""
     truncation_alarm: float = 0.5
     """Alarm when more than this fraction of completions hit rollout.max_new_tokens."""
+    repetition_alarm: float | None = 0.3
+    """Alarm when more than this fraction of completions loop (rollout/repetition_frac: half or more of their
+    4-grams of tokens repeat an earlier one); null = off."""
+    hacking_window: int = 10
+    """Reward-hacking alarm: over this many steps, a shaping reward (any but the correctness one) rising by
+    track.hacking_rise or more while correctness rises by less than track.flat_gain; 0 = off."""
+    hacking_rise: float = 0.1
+    """Rise of a shaping reward's mean (its least-squares trend over the window) that counts as rising."""
+    flat_gain: float = 0.02
+    """Correctness counts as flat (not improving) below this rise over an alarm's window (hacking, entropy)."""
+    correctness_reward: str | None = None
+    """The reward whose mean is correctness for the alarms (e.g. a user's `my_pkg.rewards:passes_tests`); null
+    = reward/accuracy (the first accuracy reward); without either, no reward-hacking alarm."""
+    entropy_floor: float | None = 0.01
+    """Entropy-collapse alarm: policy/entropy below this (nats per token) for track.entropy_steps steps while
+    correctness (else reward/mean) is not improving; null = off."""
+    entropy_steps: int = 10
+    """Steps in a row below track.entropy_floor before the entropy-collapse alarm."""
+    ratio_alarm: float | None = 20.0
+    """Ratio blow-up alarm: policy/ratio_max above this; null = off."""
+    mismatch_alarm: float | None = 0.05
+    """Ratio blow-up alarm: the mismatch correction (algorithm.mismatch) dropping more than this fraction of the
+    completion tokens (rollout/mismatch_masked_frac); null = off."""
     dashboard: bool = True
     """Write dashboard.png and samples.html at the end of the run."""
 
@@ -353,13 +376,18 @@ class ToolSpec:
     """`calculator`, `python` (the code sandbox), a registered name, or `module:function` (rollouts/tools.py)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Options passed to the tool on every call, e.g. {timeout_s: 5} for python."""
+    call_start: str | None = None
+    """This tool's own call_start (several tools in a run: each needs its own); null: the section's."""
+    call_end: str | None = None
+    """This tool's own call_end; null: the section's."""
 
 
 @dataclass
 class ToolsConfig:
     use: list[ToolSpec] = field(default_factory=list)
-    """The tool a completion may call (one per run for now): [{name: python}]. Empty: no tool calls, the
-    rollouts of today. With one, rollouts are multi-turn (rollouts/multiturn.py; docs/tools.md)."""
+    """The tools a completion may call: [{name: python}]. Empty: no tool calls, the rollouts of today. With
+    any, rollouts are multi-turn (rollouts/multiturn.py; docs/tools.md); several tools each need their own
+    call_start, e.g. [{name: python}, {name: calculator, call_start: "<calc>", call_end: "</calc>"}]."""
     max_calls: int = 4
     """Most tool calls a completion may make; later calls get an error observation."""
     call_start: str = "```python\n"
@@ -380,6 +408,23 @@ class ToolsConfig:
 
 
 @dataclass
+class EnvironmentConfig:
+    name: str = ""
+    """`module:Class`: the environment, one instance per trajectory (rollouts/environments.py,
+    docs/environments.md). Empty: none, the rollouts of today."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the class on every instance: Class(**kwargs)."""
+    max_turns: int = 4
+    """Most model turns in one episode; the episode ends after the last."""
+    timeout_s: float = 30.0
+    """An environment method (reset, respond, a tool, get_reward) still running after this many seconds ends
+    its trajectory as an error (a tool method: an error observation)."""
+    max_output_tokens: int = 512
+    """Context an engine reserves per turn for what the environment inserts (not counted toward
+    rollout.max_new_tokens)."""
+
+
+@dataclass
 class Config:
     description: str = ""
     """One line shown by `aha recipes`."""
@@ -394,6 +439,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     """Tool calls in the middle of completions (multi-turn rollouts); off unless `tools.use` names a tool."""
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    """A stateful environment per trajectory (multi-turn, its own tools and reward); off unless named."""
     track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -625,6 +672,7 @@ def validate(config: Config) -> None:
         raise ConfigError("run.checkpoint_every and run.keep_last must be >= 0")
     if config.track.samples_every < 1 or config.track.log_every < 1:
         raise ConfigError("track.samples_every and track.log_every must be at least 1")
+    _validate_alarms(config.track)
     if not config.rewards:
         raise ConfigError("rewards is empty: list at least one reward, e.g. rewards: [{name: math}]")
 
@@ -643,15 +691,38 @@ def _validate_suite(eval_config: EvalConfig) -> None:
         raise ConfigError("eval.suite_limit must be >= 1 (or null for every problem)")
 
 
-def _validate_tools(config: Config) -> None:
-    """Tool calls (docs/tools.md): one tool, not with asynchronous rollouts, sane limits, non-empty markers."""
-    rollout = config.rollout
-    tools = config.tools
-    if len(tools.use) > 1:
-        raise ConfigError("tools.use names one tool per run for now (each would need markers of its own)")
-    if tools.use and rollout.max_staleness:
+def _validate_alarms(track: TrackConfig) -> None:
+    """The quiet-degeneration alarms' thresholds (rl/tracking.py Alarms)."""
+    for name in ("repetition_alarm", "mismatch_alarm"):
+        value = getattr(track, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"track.{name} is a fraction in [0, 1] (or null to switch it off), got {value}")
+    if track.hacking_window < 0 or track.hacking_window == 1 or track.entropy_steps < 1:
         raise ConfigError(
-            "tool calls with asynchronous rollouts (rollout.max_staleness >= 1) are not supported yet"
+            "track.hacking_window must be 0 (off) or at least 2, track.entropy_steps at least 1"
+        )
+    if track.hacking_rise <= 0 or track.flat_gain < 0:
+        raise ConfigError("track.hacking_rise must be > 0 and track.flat_gain >= 0")
+    if (track.entropy_floor is not None and track.entropy_floor < 0) or (
+        track.ratio_alarm is not None and track.ratio_alarm <= 1
+    ):
+        raise ConfigError("track.entropy_floor must be >= 0 and track.ratio_alarm > 1 (or null: off)")
+
+
+def _validate_tools(config: Config) -> None:
+    """Tool calls (docs/tools.md) and environments (docs/environments.md): not with asynchronous rollouts, sane
+    limits, non-empty markers, a call_start of its own for each of several tools."""
+    rollout, tools, env = config.rollout, config.tools, config.environment
+    if (tools.use or env.name) and rollout.max_staleness:
+        raise ConfigError(
+            "tool calls and environments with asynchronous rollouts (rollout.max_staleness >= 1) are not "
+            "supported yet: a multi-turn episode runs its turns in the trainer's process, the asynchronous "
+            "engine samples whole batches in its own (docs/environments.md)"
+        )
+    if tools.use and env.name:
+        raise ConfigError(
+            "tools.use and environment.name together: an environment's public methods are its tools; "
+            "give the environment the tools it needs"
         )
     if (
         tools.max_calls < 0
@@ -660,8 +731,20 @@ def _validate_tools(config: Config) -> None:
         or tools.max_output_tokens < 1
     ):
         raise ConfigError("tools.max_calls must be >= 0, tools.timeout_s > 0, tools.max_output_* >= 1")
+    if env.max_turns < 1 or env.timeout_s <= 0 or env.max_output_tokens < 1:
+        raise ConfigError(
+            "environment.max_turns and max_output_tokens must be >= 1, environment.timeout_s > 0"
+        )
+    if env.name and ":" not in env.name:
+        raise ConfigError(f"environment.name={env.name!r}: name the class as module:Class")
     if tools.use and not all((tools.call_start, tools.call_end, tools.output_start, tools.output_end)):
         raise ConfigError("tools.call_start, call_end, output_start and output_end must not be empty")
+    starts = [spec.call_start or tools.call_start for spec in tools.use]
+    if len(set(starts)) < len(starts) or any(spec.call_end == "" for spec in tools.use):
+        raise ConfigError(
+            "several tools need a call_start each (tools.use: [{name: ..., call_start: ..., call_end: ...}]) "
+            "so that a call names its tool; call_end must not be empty"
+        )
 
 
 CLIP_DEFAULTS = {"cispo": (None, 4.0)}

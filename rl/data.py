@@ -141,6 +141,15 @@ class PromptSet:
     ids: list[list[int]]
     columns: list[str]  # fields passed to reward functions: every field but the prompt
     skipped: int = 0  # bad rows dropped (data.on_bad_row=skip)
+    template: str = "plain"  # how a question became its prompt text (rl/templates.py)
+    prompt_key: str = "prompt"
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    def encode(self, row: dict, extra: str = "") -> list[int]:
+        """Prompt ids of `row` with `extra` appended to its question (an environment's reset text), templated
+        and encoded as the set's own prompts are."""
+        text = apply_template(self.template, str(row[self.prompt_key]) + extra, self.tokenizer)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -209,4 +218,5 @@ class PromptSet:
                 "A held-out set needs problems the run does not train on: set eval.source to other data "
                 "(or eval.size=0 for no evaluation)"
             )
-        return cls(rows, texts, ids, sorted(k for k in fields if k != data.prompt_key), skipped)
+        columns = sorted(k for k in fields if k != data.prompt_key)
+        return cls(rows, texts, ids, columns, skipped, data.template, data.prompt_key, tokenizer)

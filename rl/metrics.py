@@ -73,6 +73,28 @@ def reflection_frac(texts: list[str], words: tuple[str, ...] | list[str] = DEFAU
     return sum(bool(pattern.search(t)) for t in texts) / len(texts)
 
 
+def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
+    """Share of a sequence's n-grams that repeat an earlier n-gram of it: seq-rep-n of Welleck et al. 2019
+    ("Neural Text Degeneration with Unlikelihood Training"), 1 - |distinct n-grams| / |n-grams|; 0 for a
+    sequence shorter than n. A completion stuck in a loop nears 1; human text at n=4 stays near 0.
+
+    Example: [1, 2, 1, 2, 1, 2], n 2 -> 5 bigrams, 2 distinct -> 0.6.
+    """
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_frac(completions: list[list[int]], n: int = 4, share: float = 0.5) -> float:
+    """Fraction of completions caught in a loop, repeating the same span over and over: at least `share` of
+    their n-grams of tokens repeat an earlier one (repeated_ngram_share).
+
+    Example: [[5, 6, 7, 8] * 4, [1, 2, 3, 4, 5]] -> the first's 13 4-grams hold 4 distinct, share 0.69 -> 1/2.
+    """
+    if not completions:
+        return 0.0
+    return sum(repeated_ngram_share(ids, n) >= share for ids in completions) / len(completions)
+
+
 def rollout_metrics(
     trajectories: list[Trajectory], judged: bool, rollout_s: float, reflection_words: list[str]
 ) -> dict[str, float]:
@@ -82,6 +104,7 @@ def rollout_metrics(
     truncated = [t.finish_reason == "length" for t in trajectories]
     out = length_metrics(lengths, truncated, [t.correct for t in trajectories] if judged else None)
     out["rollout/reflection_frac"] = reflection_frac([t.text for t in trajectories], reflection_words)
+    out["rollout/repetition_frac"] = repetition_frac([t.completion_ids for t in trajectories])
     tokens = float(sum(lengths))
     out["perf/rollout_tokens"] = tokens
     out["perf/rollout_tok_s"] = tokens / rollout_s if rollout_s > 0 else 0.0
@@ -231,3 +254,22 @@ def tool_metrics(trajectories: list[Trajectory], judged: bool) -> dict[str, floa
             ]
             out[name] = sum(verdicts) / len(verdicts) if verdicts else float("nan")
     return out
+
+
+def environment_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """env/*: model turns per trajectory, the share whose environment failed, what it inserted, and its tool
+    calls' errors (rollouts/environments.py).
+
+    Example: turns [1, 3], errors [None, "ValueError: x"], inserted tokens [0, 8] -> turns_mean 2.0,
+    turns_max 3, error_frac 0.5, inserted_tokens_mean 4.0.
+    """
+    turns = [t.turns for t in trajectories]
+    inserted = [sum(t.inserted) if t.inserted else 0 for t in trajectories]
+    calls = sum(t.tool_calls for t in trajectories)
+    return {
+        "env/turns_mean": sum(turns) / len(turns),
+        "env/turns_max": float(max(turns)),
+        "env/error_frac": sum(t.error is not None for t in trajectories) / len(trajectories),
+        "env/inserted_tokens_mean": sum(inserted) / len(inserted),
+        "env/observation_error_frac": sum(t.tool_errors for t in trajectories) / calls if calls else 0.0,
+    }

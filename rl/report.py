@@ -1,7 +1,7 @@
 """What a run shows afterwards: the dashboard PNG, the samples HTML page, and readable samples in a terminal.
 
 aha plot RUN_DIR [RUN_DIR ...] [--out PNG]     one dashboard; several runs are overlaid for comparison
-aha samples RUN_DIR [--step N] [--best|--worst]
+aha samples RUN_DIR [--step N] [--best|--worst]   (sorted: each distinct completion once)
 """
 
 from __future__ import annotations
@@ -101,8 +101,25 @@ def read_samples(run_dir: Path) -> list[dict]:
     return read_jsonl(path)
 
 
+def distinct_samples(records: list[dict]) -> list[dict]:
+    """The records with a distinct (prompt, completion), the first of each kept, with `copies`: how many of the
+    records wrote that completion for that prompt (a converged group samples one answer many times).
+
+    Example: completions of one prompt ["a", "b", "a"] -> ["a" (copies 2), "b" (copies 1)].
+    """
+    kept: dict[tuple[str, str], dict] = {}
+    for r in records:
+        key = (r["prompt"], r["completion"])
+        if key in kept:
+            kept[key]["copies"] += 1
+        else:
+            kept[key] = {**r, "copies": 1}
+    return list(kept.values())
+
+
 def select_samples(records: list[dict], step: int | None, order: str | None) -> tuple[int, list[dict]]:
-    """The records of one step (the last one by default), optionally sorted best or worst reward first."""
+    """The records of one step (the last one by default), optionally sorted best or worst reward first, then
+    each distinct completion once (distinct_samples)."""
     steps = sorted({r["step"] for r in records})
     if not steps:
         raise AhaError("samples.jsonl is empty")
@@ -112,7 +129,7 @@ def select_samples(records: list[dict], step: int | None, order: str | None) -> 
         raise AhaError(f"no samples at step {step}; steps with samples: {', '.join(map(str, steps))}")
     chosen = [r for r in records if r["step"] == step]
     if order is not None:
-        chosen.sort(key=lambda r: r["reward"], reverse=order == "best")
+        chosen = distinct_samples(sorted(chosen, key=lambda r: r["reward"], reverse=order == "best"))
     return step, chosen
 
 
@@ -127,6 +144,8 @@ def print_samples(run_dir: Path, step: int | None = None, order: str | None = No
     for r in chosen:
         verdict = {True: "correct", False: "wrong", None: ""}[r["correct"]]
         title = f"reward {r['reward']:.2f} {verdict} | {r['length']} tokens | {r['finish_reason']}"
+        if r.get("copies", 1) > 1:
+            title += f" | sampled {r['copies']} times"
         body = Text(r["prompt"], style="dim")
         body.append(r["completion"])
         console.print(Panel(body, title=title, title_align="left"))

@@ -2,10 +2,11 @@
 
     generate           G completions of each row from the engine, as groups of trajectories; each row's
                        columns go with its own request (a tool sees the row it was called for, even where two
-                       rows share a prompt)
+                       rows share a prompt), and with an environment, one instance per trajectory
     score              the reward functions over trajectories: each one's scores, the total, the verdict
     sample_and_score   both: the one path of a training round, the in-run evaluation and `aha eval`
     with_tools         the engine with multi-turn tool calls, as the config's `tools` section says
+    with_environment   the engine with the config's environment (rollouts/environments.py)
 
 Used by the training loop (rl/batch.py, rl/schedule.py), rl/run.py and rl/evaluate.py; it imports neither of
 the last two.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,6 +27,7 @@ from rewards import RewardResult, RewardScorer
 from rl.data import PromptSet
 from rl.trajectory import Trajectory, flatten
 from rollouts.base import Completion, RolloutEngine, SamplingParams
+from rollouts.environments import EnvironmentRollout, environment_reward
 from rollouts.multiturn import ToolRollout
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ def trajectory(
         turns=1 + completion.tool_calls,
         tool_calls=completion.tool_calls,
         tool_errors=completion.tool_errors,
+        error=completion.error,
     )
 
 
@@ -60,11 +64,36 @@ def columns(prompts: PromptSet, row: int) -> dict[str, Any]:
 
 def _engine_generate(
     engine: RolloutEngine, prompts: PromptSet, rows: list[int], params: SamplingParams
-) -> list[list[Completion]]:
+) -> list[list[Trajectory]]:
     ids = [prompts.ids[r] for r in rows]
+    if isinstance(engine, EnvironmentRollout):
+        return _with_environments(engine, prompts, rows, params)
     if isinstance(engine, ToolRollout):  # its tools are called with each row's own columns
-        return engine.generate(ids, params, [columns(prompts, r) for r in rows])
-    return engine.generate(ids, params)
+        sampled = engine.generate(ids, params, [columns(prompts, r) for r in rows])
+    else:
+        sampled = engine.generate(ids, params)
+    return [[trajectory(prompts, r, c) for c in group] for r, group in zip(rows, sampled, strict=True)]
+
+
+def _with_environments(
+    engine: EnvironmentRollout, prompts: PromptSet, rows: list[int], params: SamplingParams
+) -> list[list[Trajectory]]:
+    """Trajectories of `rows`, one environment instance each: its prompt (with reset()'s text), its episode,
+    and its own score (get_reward) once finished."""
+    sampled = engine.sample(
+        [prompts.ids[r] for r in rows], [prompts.rows[r] for r in rows], params, prompts.encode
+    )
+    groups: list[list[Trajectory]] = []
+    for i, row in enumerate(rows):
+        group = []
+        for j in range(i * params.n, (i + 1) * params.n):
+            t = trajectory(prompts, row, sampled.completions[j])
+            t.prompt_ids, t.environment = sampled.prompts[j], sampled.environments[j]
+            if t.error is None:
+                t.env_reward, t.error = environment_reward(t.environment, engine.timeout_s)
+            group.append(t)
+        groups.append(group)
+    return groups
 
 
 def generate(
@@ -84,8 +113,7 @@ def generate(
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
         seed = None if params.seed is None else params.seed + start
-        sampled = _engine_generate(engine, prompts, part, dataclasses.replace(params, seed=seed))
-        groups += [[trajectory(prompts, r, c) for c in group] for r, group in zip(part, sampled, strict=True)]
+        groups += _engine_generate(engine, prompts, part, dataclasses.replace(params, seed=seed))
         if advance is not None:
             advance(len(part))
     return groups
@@ -93,16 +121,20 @@ def generate(
 
 def score(scorer: RewardScorer, trajectories: list[Trajectory], names: list[str]) -> RewardResult:
     """Score trajectories with the reward functions (TRL's contract: prompts, completions, a list per column
-    in `names`); fills each one's `scores`, `reward` (the weighted total) and `correct`."""
-    result = scorer(
-        [t.prompt for t in trajectories],
-        [t.text for t in trajectories],
-        {k: [t.row.get(k) for t in trajectories] for k in names},
-    )
+    in `names`; with an environment also `environments` and its own scores, `environment_reward`); fills each
+    one's `scores`, `reward` (the weighted total) and `correct`. A trajectory whose environment failed is left
+    unscored (NaN), whatever the functions said."""
+    values = {k: [t.row.get(k) for t in trajectories] for k in names}
+    if any(t.environment is not None for t in trajectories):
+        values["environments"] = [t.environment for t in trajectories]
+        values["environment_reward"] = [t.env_reward for t in trajectories]
+    result = scorer([t.prompt for t in trajectories], [t.text for t in trajectories], values)
     for i, t in enumerate(trajectories):
-        t.scores = {name: values[i] for name, values in result.per_function.items()}
+        t.scores = {name: scores[i] for name, scores in result.per_function.items()}
         t.reward = result.total[i]
         t.correct = None if result.correct is None else result.correct[i]
+        if t.error is not None:
+            t.scores, t.reward, t.correct = dict.fromkeys(t.scores), math.nan, None
     return result
 
 
@@ -143,18 +175,62 @@ def sample_and_score(
 
 
 def tool_context(config: Config) -> int:
-    """Context the observations of tool calls may take (they do not count toward max_new_tokens)."""
+    """Context what tools or an environment insert may take (it does not count toward max_new_tokens)."""
+    if config.environment.name:
+        return config.environment.max_turns * config.environment.max_output_tokens
     return config.tools.max_calls * config.tools.max_output_tokens if config.tools.use else 0
 
 
 def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRollout:
-    """The engine with multi-turn tool calls (rollouts/multiturn.py)."""
+    """The engine with multi-turn tool calls (rollouts/multiturn.py): every tool of `tools.use`, each called
+    between its own markers (the section's where it sets none)."""
     from rollouts.multiturn import Markers
     from rollouts.tools import Toolbox, resolve_tool
 
     tools = config.tools
-    (spec,) = tools.use
-    toolbox = Toolbox({spec.name: resolve_tool(spec.name)}, {spec.name: dict(spec.kwargs)}, tools.timeout_s,
-                      tools.max_output_chars)  # fmt: skip
-    markers = Markers(tools.call_start, tools.call_end, tools.output_start, tools.output_end)
+    toolbox = Toolbox(
+        {spec.name: resolve_tool(spec.name) for spec in tools.use},
+        {spec.name: dict(spec.kwargs) for spec in tools.use},
+        tools.timeout_s,
+        tools.max_output_chars,
+    )
+    markers = {
+        spec.name: Markers(
+            spec.call_start or tools.call_start, spec.call_end or tools.call_end, tools.output_start,
+            tools.output_end,
+        )
+        for spec in tools.use
+    }  # fmt: skip
     return ToolRollout(engine, tokenizer, toolbox, markers, tools.max_calls)
+
+
+def with_environment(engine: RolloutEngine, tokenizer: Any, config: Config) -> EnvironmentRollout:
+    """The engine with the config's environment: one instance of its class per trajectory."""
+    env = config.environment
+    return EnvironmentRollout(
+        engine, tokenizer, resolve_environment(env.name), env.kwargs, env.max_turns, env.timeout_s
+    )
+
+
+def resolve_environment(name: str) -> Callable[..., object]:
+    """The environment class named `module:Class` (imported as reward paths are), checked for a reset method."""
+    from rewards.registry import RewardError, import_reward_module
+    from rollouts.environments import EnvironmentSetupError
+
+    module_name, _, attr = name.partition(":")
+    try:
+        obj: Any = import_reward_module(name, module_name)
+    except RewardError as err:
+        raise EnvironmentSetupError(str(err).replace("reward", "environment", 1)) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise EnvironmentSetupError(
+                f"environment {name!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    if not callable(getattr(obj, "reset", None)):
+        raise EnvironmentSetupError(
+            f"environment {name!r} has no reset method: an environment needs reset(**row) -> str | None "
+            "(docs/environments.md)"
+        )
+    return obj

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rewards import RewardScorer
+from rewards import RewardScorer, RewardSpec
 from rl.checkpoint import load_training_state, replaced_atomically, save_checkpoint
 from rl.config import Config, config_yaml, to_dict
 from rl.data import PromptSampler, PromptSet
@@ -35,7 +35,7 @@ from rl.models import (
     seed_everything,
 )
 from rl.report import plot_runs, write_samples_html
-from rl.rollout import tool_context, with_tools
+from rl.rollout import resolve_environment, tool_context, with_environment, with_tools
 from rl.rundir import open_run_dir, plan_run
 from rl.tracking import Alarms, Console, Loggers
 from rl.update import Trainee, lr_factor
@@ -101,7 +101,8 @@ def start_run(config: Config) -> Run:
     plan = plan_run(to_dict(config), config.run_dir, config.run.resume, config.run.overwrite)
     dist.barrier()  # every rank has read the run directory before rank 0 may change it (open_run_dir)
     resume_from = plan.resume_from
-    scorer = RewardScorer(config.rewards)  # a reward that cannot be imported fails before the model loads
+    # a reward (or an environment) that cannot be imported fails before the model loads
+    scorer = RewardScorer(reward_specs(config))
     console = Console(
         config.track.console if dist.is_main else "quiet", config.train.steps, config.track.log_every
     )
@@ -116,6 +117,8 @@ def start_run(config: Config) -> Run:
                 engine.update_weights(policy)
             if config.tools.use:
                 engine = with_tools(engine, tokenizer, config)
+            if config.environment.name:
+                engine = with_environment(engine, tokenizer, config)
         # DDP over ranks when launched with several, or FSDP2 sharding, which replaces the parameters: the
         # optimizer is built on what this returns.
         trainer = dist.wrap(CompletionLogprobs(policy))
@@ -150,9 +153,7 @@ def start_run(config: Config) -> Run:
         sampler=PromptSampler(len(train_set), config.train.seed),
         loggers=_loggers(config) if dist.is_main else Loggers.silent(),
         console=console,
-        alarms=Alarms(
-            config.rollout.max_new_tokens, config.track.zero_reward_steps, config.track.truncation_alarm
-        ),
+        alarms=Alarms.from_track(config.track, config.rollout.max_new_tokens),
         dist=dist,
     )
     if state is not None:
@@ -168,6 +169,16 @@ def start_run(config: Config) -> Run:
         if data_set is not None and data_set.skipped:
             run.console.message(f"skipped {data_set.skipped} bad {name} rows (data.on_bad_row=skip)")
     return run
+
+
+def reward_specs(config: Config) -> list[RewardSpec]:
+    """The recipe's rewards, and the environment's own (`environment`, weight 1) when its class defines
+    get_reward and the recipe does not list it."""
+    specs = list(config.rewards)
+    if config.environment.name and all(spec.name != "environment" for spec in specs):
+        if callable(getattr(resolve_environment(config.environment.name), "get_reward", None)):
+            specs.append(RewardSpec("environment"))
+    return specs
 
 
 def _runtime(config: Config) -> tuple[torch.device, Distributed]:

@@ -11,7 +11,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,16 @@ class Alarms:
     reward_failed    every call of a reward failed this step (raised or timed out: its error_frac plus
                      timeout_frac is 1), named with its first error (said at once, again only after a step
                      in which it scored); it is not also said to be unscored
+    Also the runs that look healthy by reward while they degenerate (each said when it starts, again only
+    after a step without it; `alarm/<name>` marks every step it holds; None or 0 switches one off):
+    repetition       more than `repetition_frac` of the completions loop (rollout/repetition_frac)
+    reward_hacking   over `hacking_window` steps a shaping reward's mean rises by `hacking_rise` or more while
+                     correctness rises by less than `flat_gain` (both least-squares trends, `rise`)
+    entropy_collapse policy/entropy below `entropy_floor` for `entropy_steps` steps in a row while correctness
+                     (reward/mean without one) rose by less than `flat_gain` over them
+    ratio_blowup     policy/ratio_max above `ratio_max`, or the mismatch correction dropping more than
+                     `mismatch_frac` of the tokens (rollout/mismatch_masked_frac)
+    Correctness is reward/<correctness_reward>/mean when named, else reward/accuracy.
     """
 
     max_new_tokens: int
@@ -69,10 +79,33 @@ class Alarms:
     truncation_frac: float = 0.5
     collapse_frac: float = 0.9
     collapse_steps: int = 5
+    repetition_frac: float | None = 0.3
+    hacking_window: int = 10
+    hacking_rise: float = 0.1
+    flat_gain: float = 0.02
+    correctness_reward: str | None = None
+    entropy_floor: float | None = 0.01
+    entropy_steps: int = 10
+    ratio_max: float | None = 20.0
+    mismatch_frac: float | None = 0.05
     _zero_run: int = 0
     _collapse_run: int = 0
     _unscored: tuple[str, ...] = ()
     _failed: tuple[str, ...] = ()
+    _low_entropy_run: int = 0
+    _firing: tuple[str, ...] = ()
+    _history: dict[str, list[float]] = field(default_factory=dict)  # reward means, last steps first-to-last
+
+    @classmethod
+    def from_track(cls, track: Any, max_new_tokens: int) -> Alarms:
+        """The alarms with the thresholds of the `track` config section (rl/config.py TrackConfig)."""
+        return cls(
+            max_new_tokens, track.zero_reward_steps, track.truncation_alarm,
+            repetition_frac=track.repetition_alarm, hacking_window=track.hacking_window,
+            hacking_rise=track.hacking_rise, flat_gain=track.flat_gain,
+            correctness_reward=track.correctness_reward, entropy_floor=track.entropy_floor,
+            entropy_steps=track.entropy_steps, ratio_max=track.ratio_alarm, mismatch_frac=track.mismatch_alarm,
+        )  # fmt: skip
 
     def state_dict(self) -> dict:
         return {
@@ -80,12 +113,18 @@ class Alarms:
             "collapse_run": self._collapse_run,
             "unscored": list(self._unscored),
             "failed": list(self._failed),
+            "low_entropy_run": self._low_entropy_run,
+            "firing": list(self._firing),
+            "history": {key: list(values) for key, values in self._history.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self._zero_run, self._collapse_run = state["zero_run"], state["collapse_run"]
         self._unscored = tuple(state.get("unscored", ()))
         self._failed = tuple(state.get("failed", ()))
+        self._low_entropy_run = state.get("low_entropy_run", 0)
+        self._firing = tuple(state.get("firing", ()))
+        self._history = {key: list(values) for key, values in state.get("history", {}).items()}
 
     def check(self, row: dict[str, float], reward_errors: dict[str, str] | None = None) -> list[str]:
         """Messages for the alarms `row` sets off; `reward_errors`: each failing reward's first error
@@ -123,7 +162,110 @@ class Alarms:
             messages.append(
                 f"{int(row['optim/skipped_updates'])} update(s) skipped this step: the loss or gradient was NaN/inf"
             )
-        return messages
+        return messages + self._check_degeneration(row)
+
+    def _check_degeneration(self, row: dict[str, float]) -> list[str]:
+        """The alarms of a run that looks healthy by reward while it degenerates; each message is said when its
+        alarm starts firing, again only after a step without it."""
+        self._remember(row)
+        found = {}
+        for name, check in (
+            ("repetition", self._repetition),
+            ("reward_hacking", self._hacking),
+            ("entropy_collapse", self._entropy_collapse),
+            ("ratio_blowup", self._ratio_blowup),
+        ):
+            if message := check(row):
+                row[f"alarm/{name}"], found[name] = 1.0, message
+        new, self._firing = [m for name, m in found.items() if name not in self._firing], tuple(found)
+        return new
+
+    def _remember(self, row: dict[str, float]) -> None:
+        """Keep the last steps' reward means (reward/mean, reward/accuracy, reward/<name>/mean): the trends."""
+        keep = max(self.hacking_window, self.entropy_steps)
+        keys = {k for k in row if k in ("reward/mean", "reward/accuracy") or _is_reward_mean(k)}
+        for key in keys | set(self._history):
+            values = self._history.setdefault(key, [])
+            values.append(float(row.get(key, math.nan)))
+            del values[:-keep]
+
+    def _correctness_key(self, fallback: str | None = None) -> str | None:
+        if self.correctness_reward is not None:
+            return f"reward/{self.correctness_reward}/mean"
+        return "reward/accuracy" if "reward/accuracy" in self._history else fallback
+
+    def _trend(self, key: str | None, steps: int) -> float | None:
+        """`rise` of the last `steps` values of `key`; None while fewer are known or one is NaN."""
+        values = self._history.get(key, [])[-steps:] if key else []
+        if steps < 2 or len(values) < steps or not all(math.isfinite(v) for v in values):
+            return None
+        return rise(values)
+
+    def _repetition(self, row: dict[str, float]) -> str | None:
+        looping = row.get("rollout/repetition_frac", 0.0)
+        if self.repetition_frac is None or not looping > self.repetition_frac:
+            return None
+        return (
+            f"{looping:.0%} of the completions repeat the same span over and over (half or more of their "
+            "4-grams are repeats): the policy is falling into repetition loops. Look at `aha samples RUN_DIR`; "
+            "lower optim.lr, penalise length near the limit (algorithm.overlong_buffer), or go back to an "
+            "earlier checkpoint"
+        )
+
+    def _hacking(self, row: dict[str, float]) -> str | None:
+        correct_key = self._correctness_key()
+        correct = self._trend(correct_key, self.hacking_window)
+        if correct is None or correct >= self.flat_gain:
+            return None
+        rising = {
+            key: up
+            for key in sorted(self._history)
+            if _is_reward_mean(key) and key != correct_key
+            if (up := self._trend(key, self.hacking_window)) is not None and up >= self.hacking_rise
+        }
+        if not rising:
+            return None
+        names = ", ".join(f"{k.split('/')[1]} by {up:+.2f}" for k, up in rising.items())
+        return (
+            f"over the last {self.hacking_window} steps reward {names} while {correct_key} moved by {correct:+.3f}: "
+            "the policy is gaming a shaping reward (reward hacking), not getting more right. Read the high-reward "
+            "completions (`aha samples RUN_DIR --best`); lower that reward's weight, cap it, or pay it only on "
+            "correct answers"
+        )
+
+    def _entropy_collapse(self, row: dict[str, float]) -> str | None:
+        entropy = row.get("policy/entropy", math.nan)
+        low = self.entropy_floor is not None and entropy < self.entropy_floor  # NaN: not low
+        self._low_entropy_run = self._low_entropy_run + 1 if low else 0
+        if self._low_entropy_run < self.entropy_steps:
+            return None
+        key = self._correctness_key(fallback="reward/mean")
+        gain = self._trend(key, self.entropy_steps)
+        if gain is None or gain >= self.flat_gain:
+            return None
+        return (
+            f"policy/entropy has been below {self.entropy_floor} for {self._low_entropy_run} steps (now "
+            f"{entropy:.4f}) while {key} moved by {gain:+.3f}: the policy has stopped exploring (entropy "
+            "collapse). Raise rollout.temperature, use clip-higher (algorithm.clip_high=0.28) or "
+            "algorithm.policy_loss=clip_cov / kl_cov, lower optim.lr, or stop the run here"
+        )
+
+    def _ratio_blowup(self, row: dict[str, float]) -> str | None:
+        ratio, dropped = (
+            row.get("policy/ratio_max", math.nan),
+            row.get("rollout/mismatch_masked_frac", math.nan),
+        )
+        if self.ratio_max is not None and ratio > self.ratio_max:
+            what = f"policy/ratio_max reached {ratio:.3g} (alarm above {self.ratio_max:g})"
+        elif self.mismatch_frac is not None and dropped > self.mismatch_frac:
+            what = f"the mismatch correction dropped {dropped:.1%} of the completion tokens"
+        else:
+            return None
+        return (
+            f"{what}: the policy being trained is far from the one that sampled (engine/trainer drift or too much "
+            "staleness). Lower optim.lr, algorithm.epochs / minibatches or rollout.max_staleness; with vLLM "
+            "check rollout/logprob_diff_mean and set algorithm.mismatch (e.g. sequence_mask, mismatch_high 3)"
+        )
 
     def _check_failed(self, row: dict[str, float], reward_errors: dict[str, str]) -> list[str]:
         """Rewards whose every call failed this step: `reward/<name>/error_frac` + `/timeout_frac` of 1."""
@@ -167,6 +309,24 @@ class Alarms:
             "completions' format; see `aha samples RUN_DIR`"
             for name in new
         ]
+
+
+def _is_reward_mean(key: str) -> bool:
+    """`reward/<name>/mean`, one reward function's mean score."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean"
+
+
+def rise(values: list[float]) -> float:
+    """How much a series rose from its first to its last step along its least-squares line (the slope times
+    len - 1): a trend that one noisy step does not make. At least 2 values.
+
+    Example: [0, 1, 2] -> 2; [1, 0, 1] -> 0; [0.2, 0.1, 0.3, 0.6] -> 0.42.
+    """
+    n = len(values)
+    x_mean, y_mean = (n - 1) / 2, sum(values) / n
+    covariance = sum((i - x_mean) * (v - y_mean) for i, v in enumerate(values))
+    return covariance / sum((i - x_mean) ** 2 for i in range(n)) * (n - 1)
 
 
 # ----------------------------------------------------------------------------------------------- loggers
@@ -306,6 +466,7 @@ def sample_records(
             "length": len(t.completion_ids),
             "finish_reason": t.finish_reason,
         }
+        | ({"error": t.error} if t.error else {})
         for g in chosen
         for t in groups[g]
     ]

@@ -128,6 +128,8 @@ def step_row(
     row.update(batch.metrics(step - 1 if run.config.rollout.max_staleness else None))
     if run.config.tools.use:
         row.update(M.tool_metrics(sampled, judged))
+    if run.config.environment.name:
+        row.update(M.environment_metrics(sampled))
     row.update(update)
     row.update(
         M.timing_metrics(

@@ -58,6 +58,12 @@ class Trajectory:
     """Model turns: 1, plus one for each observation the environment inserted."""
     tool_calls: int = 0
     tool_errors: int = 0
+    error: str | None = None
+    """Why its environment failed (raised, hung, answered nonsense): the trajectory is unscored."""
+    env_reward: float | None = None
+    """Its environment's own score (get_reward), the `environment` reward's; None: none given."""
+    environment: Any = field(default=None, repr=False, compare=False)
+    """The environment instance that ran it (reward functions receive them as `environments`); not saved."""
 
     @property
     def scored(self) -> bool:
@@ -69,8 +75,11 @@ class Trajectory:
         return len(self.completion_ids) - (sum(self.inserted) if self.inserted else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-ready (a checkpoint's in-flight batches); `from_dict` gives it back field for field."""
-        return dataclasses.asdict(self)
+        """Every field, JSON-ready (a checkpoint's in-flight batches); `from_dict` gives it back field for field
+        (the environment instance aside: live state, not data)."""
+        saved = dataclasses.asdict(dataclasses.replace(self, environment=None))
+        del saved["environment"]
+        return saved
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Trajectory:

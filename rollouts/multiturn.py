@@ -57,10 +57,10 @@ class Episode(Protocol):
         and ended by `finish` with budget left; False ends it with no call made."""
         ...
 
-    def start(self, text: str, calls: int) -> PendingCall | None:
-        """The turn ended with the completion's `text` so far (special tokens kept), after `calls` earlier
-        observations: start what answers it (a tool call, the environment's reply). None: nothing to insert,
-        the sample goes on; an observation with `end` set ends the sample instead."""
+    def start(self, text: str, segment: str, calls: int) -> PendingCall | None:
+        """The turn `segment` ended the completion's `text` so far (both with special tokens), after `calls`
+        earlier observations: start what answers it (a tool call, the environment's reply). None: nothing to
+        insert, the sample goes on; an observation with `end` set ends the sample instead."""
         ...
 
     def format(self, observation: Observation) -> str:
@@ -70,32 +70,53 @@ class Episode(Protocol):
 
 @dataclass
 class ToolEpisode:
-    """The tool rollout of `tools:`: a call between markers, run by the toolbox, its output between markers."""
+    """The tool rollout of `tools:`: a call between a tool's markers, run by the toolbox, its output between
+    the output markers. `markers`: one set for every tool, or each tool's own (several tools in a run)."""
 
     toolbox: Toolbox
-    markers: Markers
+    markers: Markers | dict[str, Markers]
     max_calls: int
     columns: dict
 
+    def _by_tool(self) -> dict[str, Markers]:
+        if isinstance(self.markers, Markers):
+            return dict.fromkeys(self.toolbox.tools, self.markers)
+        return self.markers
+
     @property
     def stop(self) -> tuple[str, ...]:
-        return (self.markers.call_end,)
+        return tuple(dict.fromkeys(m.call_end for m in self._by_tool().values()))
 
     def continues(self, segment: str, finish: str) -> bool:
-        return finish == "stop" and segment.endswith(self.markers.call_end)
+        return finish == "stop" and any(segment.endswith(m.call_end) for m in self._by_tool().values())
 
-    def start(self, text: str, calls: int) -> PendingCall | None:
-        call = _open_call(text, self.markers)
-        if call is None:
+    def start(self, text: str, segment: str, calls: int) -> PendingCall | None:
+        found = _closed_call(text, self._by_tool())
+        if found is None:
             return None  # a stop at call_end with no open call: not a call, the sequence just continues
         if calls >= self.max_calls:
             return PendingCall.ready(
                 Observation(f"error: no more tool calls (at most {self.max_calls})", True)
             )
-        return self.toolbox.start(call, self.columns)
+        name, call = found
+        return self.toolbox.start(call, self.columns, name)
 
     def format(self, observation: Observation) -> str:
-        return self.markers.output_start + observation.text + self.markers.output_end
+        markers = next(iter(self._by_tool().values()))
+        return markers.output_start + observation.text + markers.output_end
+
+
+def _closed_call(text: str, by_tool: dict[str, Markers]) -> tuple[str, str] | None:
+    """(tool, call) for the call the text just closed: among the tools whose call_end ends the text, the one
+    whose open call_start comes last; None when it closes none."""
+    best: tuple[int, str, str] | None = None
+    for name, markers in by_tool.items():
+        if not text.endswith(markers.call_end):
+            continue
+        call = _open_call(text, markers)
+        if call is not None and (best is None or len(text) - len(call) > best[0]):
+            best = (len(text) - len(call), name, call)
+    return None if best is None else (best[1], best[2])
 
 
 @dataclass
@@ -105,6 +126,7 @@ class _Sequence:
     prompt: list[int]
     episode: Episode
     tokens: list[int] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)  # the last turn's tokens
     logprobs: list[float] = field(default_factory=list)
     tool_mask: list[bool] = field(default_factory=list)
     model_tokens: int = 0
@@ -199,7 +221,7 @@ class ToolRollout:
         if len(ids) >= max_new_tokens - s.model_tokens:
             return  # the budget ends here: nothing is run
         if s.episode.continues(self.tokenizer.decode(ids), "stop"):
-            s.pending = s.episode.start(self._text(s.tokens + ids), s.calls)
+            s.pending = s.episode.start(self._text(s.tokens + ids), self._text(ids), s.calls)
             s.started = True
 
     def _text(self, tokens: list[int]) -> str:
@@ -218,6 +240,7 @@ class ToolRollout:
             if len(c.token_ids) > room:
                 finish = "length"
             s.tokens += ids
+            s.segment = ids
             s.logprobs += logprobs
             s.tool_mask += [False] * len(ids)
             s.model_tokens += len(ids)
@@ -232,7 +255,7 @@ class ToolRollout:
         for s in live:
             pending, was_started, s.pending, s.started = s.pending, s.started, None, False
             if not was_started:  # not started while decoding (an engine without on_stop): start it now
-                pending = s.episode.start(self._text(s.tokens), s.calls)
+                pending = s.episode.start(self._text(s.tokens), self._text(s.segment), s.calls)
             if pending is not None:
                 started.append(pending)
                 callers.append(s)

@@ -235,12 +235,16 @@ def test_tool_tokens_get_no_gradient_from_the_loss_or_the_kl_and_are_never_picke
     assert parts.counts["policy/entropy_kept_frac"] == (1.0, 2.0)  # of the 2 model tokens, not the 4
 
 
-def test_one_tool_per_run_and_no_tools_with_asynchronous_rollouts():
+def test_several_tools_need_a_call_start_each_and_no_tools_with_asynchronous_rollouts():
     from rl.config import load_config
     from rl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="one tool per run"):
+    with pytest.raises(ConfigError, match="call_start each"):
         load_config(None, ["tools.use=[{name: calculator}, {name: python}]"])
+    two = load_config(
+        None, ['tools.use=[{name: python}, {name: calculator, call_start: "<c>", call_end: "</c>"}]']
+    )
+    assert [t.call_start for t in two.tools.use] == [None, "<c>"]
     with pytest.raises(ConfigError, match="not supported yet"):
         load_config(None, ["tools.use=[{name: calculator}]", "rollout.max_staleness=1"])
 
@@ -306,9 +310,9 @@ def test_a_call_starts_as_its_sample_stops_while_the_others_still_decode():
     started_while_busy = []
 
     class Recording(Toolbox):
-        def start(self, call, columns):
+        def start(self, call, columns, name=None):
             started_while_busy.append(engine.busy)
-            return super().start(call, columns)
+            return super().start(call, columns, name)
 
     rollout = ToolRollout(engine, CharTokenizer(), Recording({"t": calculator}), MARKERS, 2)
     got = rollout.generate([[7], [8]], SamplingParams(n=1, max_new_tokens=20))

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.metrics import UpdateAccumulator, length_metrics, reflection_frac, reward_metrics, rollout_metrics
+from rl.metrics import (
+    UpdateAccumulator,
+    length_metrics,
+    reflection_frac,
+    repeated_ngram_share,
+    repetition_frac,
+    reward_metrics,
+    rollout_metrics,
+)
 from rl.report import plot_runs, select_samples, write_samples_html
 from rl.tracking import Alarms, Loggers, sample_records
 from rl.trajectory import Trajectory
@@ -55,6 +63,24 @@ def test_rollout_metrics_include_reflection_and_throughput():
     assert got["perf/rollout_tok_s"] == 3.0
     assert got["rollout/truncated_frac"] == 0.5
     assert got["rollout/len_correct"] == 2 and got["rollout/len_incorrect"] == 4
+
+
+def test_repeated_ngram_share_is_welleck_seq_rep_n():
+    assert repeated_ngram_share([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(0.6)  # 5 bigrams, 2 distinct
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repeated_ngram_share([7, 7, 7]) == 0.0  # shorter than n: nothing to repeat
+
+
+def test_repetition_frac_counts_completions_stuck_in_a_loop():
+    loop = [5, 6, 7, 8] * 4  # 13 4-grams, 4 distinct: share 9/13
+    prose = list(range(40))
+    half = [1, 2, 3, 4, 9, 1, 2, 3, 4]  # 6 4-grams, 5 distinct: share 1/6
+    assert repetition_frac([loop, prose, half, []]) == 0.25
+    assert repetition_frac([]) == 0.0
+    got = rollout_metrics(
+        [Trajectory(0, [1], loop, [0.0] * 16), Trajectory(0, [1], prose, [0.0] * 40)], False, 1.0, []
+    )
+    assert got["rollout/repetition_frac"] == 0.5
 
 
 def test_reward_metrics_zero_variance_groups_and_accuracy():
@@ -245,6 +271,26 @@ def test_samples_selection_orders_by_reward_and_html_escapes(tmp_path):
     assert step == 3 and [r["reward"] for r in worst] == [0.0, 0.0, 0.5, 1.0]
     page = write_samples_html(run).read_text()
     assert "good &lt;b&gt;" in page and "good <b>" not in page
+
+
+def test_best_samples_show_each_distinct_completion_once_with_its_count(tmp_path):
+    same = [Trajectory(0, [9], [1, 2], [], prompt="p", text="42", reward=1.0) for _ in range(5)]
+    other = [Trajectory(0, [9], [1], [], prompt="p", text=t, reward=r) for t, r in (("41", 0.0), ("40", 0.5))]
+    records = sample_records(3, [same + other], True, num_prompts=1, seed=0)
+    _, best = select_samples(records, None, "best")
+    assert [(r["completion"], r["copies"]) for r in best] == [("42", 5), ("40", 1), ("41", 1)]
+    _, worst = select_samples(records, None, "worst")
+    assert [r["completion"] for r in worst] == ["41", "40", "42"]
+    _, unsorted = select_samples(records, None, None)
+    assert len(unsorted) == 7  # the plain view keeps every sample of the group
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "samples", str(run), "--best"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("42") == 1 and "sampled 5 times" in result.stdout
 
 
 def test_loggers_write_jsonl_and_tensorboard(tmp_path):
