@@ -13,10 +13,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rl.errors import AhaError, write_error
 from rl.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from rl.config import TrackConfig
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -97,7 +100,7 @@ class Alarms:
     _history: dict[str, list[float]] = field(default_factory=dict)  # reward means, last steps first-to-last
 
     @classmethod
-    def from_track(cls, track: Any, max_new_tokens: int) -> Alarms:
+    def from_track(cls, track: TrackConfig, max_new_tokens: int) -> Alarms:
         """The alarms with the thresholds of the `track` config section (rl/config.py TrackConfig)."""
         return cls(
             max_new_tokens, track.zero_reward_steps, track.truncation_alarm,
