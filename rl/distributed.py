@@ -256,21 +256,55 @@ class Distributed:
         """A phase that may fail on some ranks only (engine start-up, a weight sync, sampling and scoring):
         at its end every rank votes, and if any failed, every rank stops with that news instead of waiting in
         the next collective until the process group times out. A failing rank joins the vote, then raises its
-        own error; the others raise AhaError naming it."""
+        own error; the others raise AhaError naming it.
+
+        Collectives inside the phase (FSDP's gathers in a weight sync, vLLM's start-up) would pair with a
+        failed rank's vote: code that runs them calls `vote_before_collectives()` first, an early vote that
+        a rank failing before it meets with its failure vote. Each rank then votes once (failed before the
+        early vote, or stopped by it) or twice (the early vote, then at the end or on a later failure)."""
         if not self.enabled:
             yield
             return
+        phase = _Phase(self, what)
+        _PHASES.append(phase)
         try:
             yield
         except BaseException:
-            self.gather_objects(self.rank)  # this rank failed
+            if not phase.stopped:  # an early vote that saw a failure was this rank's last vote of the phase
+                self.gather_objects(self.rank)  # this rank failed
             raise
-        failed = [r for r in self.gather_objects(None) if r is not None]
-        if failed:
-            raise AhaError(
-                f"rank {failed[0]} failed while {what} (its error is in its output); stopping rank {self.rank} too"
-            )
+        finally:
+            _PHASES.remove(phase)
+        phase.vote()
 
     def barrier(self) -> None:
         if self.enabled:
             self.accelerator.wait_for_everyone()
+
+
+class _Phase:
+    """A `together` phase in progress: its votes (a gather of each rank's failure or None)."""
+
+    def __init__(self, dist: Distributed, what: str) -> None:
+        self.dist, self.what, self.stopped = dist, what, False
+
+    def vote(self) -> None:
+        failed = [r for r in self.dist.gather_objects(None) if r is not None]
+        if failed:
+            self.stopped = True
+            raise AhaError(
+                f"rank {failed[0]} failed while {self.what} (its error is in its output); stopping rank "
+                f"{self.dist.rank} too"
+            )
+
+
+_PHASES: list[_Phase] = []  # the `together` phases in progress in this process, innermost last
+
+
+def vote_before_collectives() -> None:
+    """Inside a `together` phase on several ranks, before collectives that a rank which failed earlier in the
+    phase would never join (FSDP's per-parameter gathers of a weight sync, vLLM's start-up): every rank votes
+    now, and if one failed, the others raise AhaError here instead of blocking in a gather that would pair
+    with its vote. A no-op outside a phase or in a single process."""
+    if _PHASES:
+        _PHASES[-1].vote()

@@ -8,7 +8,8 @@ transformers engine's decoder use them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -34,19 +35,30 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
         engine_model.load_weights(merged_weights(policy))
     """
+    for name, make in weight_makers(policy):
+        yield name, make()
+
+
+def weight_makers(policy: torch.nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """`merged_weights` as (name, function that makes the tensor) pairs: listing the names runs no collective,
+    each call gathers (FSDP2) and merges (LoRA) one tensor. A rank whose sync failed half-way calls the rest,
+    each with its errors caught, so that the other ranks' gathers complete (`rollouts.vllm_engine`)."""
     is_peft = hasattr(policy, "peft_config")
     adapted = _adapted_layers(policy) if is_peft else {}
     for name, tensor in policy.state_dict().items():
-        if is_sharded(tensor):  # gathered whole, on every rank
-            tensor = tensor.full_tensor()
-        if is_peft:
-            if "lora_" in name:
-                continue
-            if name in adapted:
-                module, active = adapted[name]
-                tensor = tensor + sum(module.get_delta_weight(a) for a in active).to(tensor.dtype)
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        yield name, tensor
+        if is_peft and "lora_" in name:
+            continue
+        base = name.removeprefix("base_model.model.").replace(".base_layer.", ".") if is_peft else name
+        yield base, functools.partial(_whole, tensor, adapted.get(name))
+
+
+def _whole(tensor: torch.Tensor, adapter: tuple[torch.nn.Module, list[str]] | None) -> torch.Tensor:
+    if is_sharded(tensor):  # gathered whole, on every rank
+        tensor = tensor.full_tensor()
+    if adapter is not None:
+        module, active = adapter
+        tensor = tensor + sum(module.get_delta_weight(a) for a in active).to(tensor.dtype)
+    return tensor
 
 
 def _adapted_layers(policy: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, list[str]]]:

@@ -4,7 +4,7 @@ The engine runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), b
 `model_path`. After each optimizer step the loop calls `update_weights(policy)`, which streams the policy's
 tensors into vLLM's own copy with `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`:
 in memory, one tensor at a time, cast to the engine's dtype, no checkpoint written to disk. The tensors
-come from `rl.weights.merged_weights` (base-model names; a LoRA policy's adapters merged out of place).
+come from `rl.weights.weight_makers` (base-model names; a LoRA policy's adapters merged out of place).
 
 What each call returns matches the transformers engine (`rollouts.hf_engine`):
 - log-probs are vLLM's `processed_logprobs`: the sampled token's log-prob under softmax(logits / T), the
@@ -29,13 +29,14 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from rl.weights import merged_weights
+from rl.distributed import vote_before_collectives
+from rl.weights import has_sharded_parameters, weight_makers
 from rollouts.base import Completion, EngineError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ class VLLMEngine:
         # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process (it assumes the
         # process is its own). In-process it binds no threads, so the trainer gets the real function back.
         set_num_threads = torch.set_num_threads
+        # With several ranks vLLM's start-up runs collectives (its parallel groups): a rank that failed before
+        # this point must not leave the others blocked in them, so the ranks vote first.
+        vote_before_collectives()
         try:
             return vllm.LLM(**kwargs)
         except Exception as err:
@@ -268,14 +272,19 @@ class VLLMEngine:
 
     def update_weights(self, policy: torch.nn.Module) -> None:
         """Copy the policy's current weights into vLLM's model, in place, through memory; then the KV cache
-        comes back if sleep released it (so loading never has it allocated beside the weights)."""
+        comes back if sleep released it (so loading never has it allocated beside the weights).
+
+        With FSDP every rank gathers each parameter in turn: the ranks first vote (`vote_before_collectives`)
+        so that none enters the gathers while another has already failed (at wake, say); a rank that fails
+        half-way still makes the rest of the gathers, each with its errors caught, then raises."""
         self._check_usable(sampling=False)  # new weights are what a level-2 sleep is waiting for
-        names: set[str] = set()
-        sent = ((names.add(name), (name, tensor))[1] for name, tensor in self._weights(policy))
+        if has_sharded_parameters(policy):
+            vote_before_collectives()
+        sent = _WeightStream(self._weights(policy), self.engine_dtype)
         try:
             with _UnloadedWeights() as unloaded:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": sent})
-            missing = sorted(unloaded.names) + _missing_shards(self._fused, names)
+            missing = sorted(unloaded.names) + _missing_shards(self._fused, sent.names)
             if missing:
                 raise EngineError(
                     f"the weight sync left engine parameters without a new tensor: {missing}. They would "
@@ -287,8 +296,7 @@ class VLLMEngine:
                 self._kv_asleep = False
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         except Exception as err:
-            for _ in sent:  # the other ranks' gathers (FSDP full_tensor) go on: join them all, then fail
-                pass
+            sent.drain()  # the other ranks' gathers (FSDP full_tensor) go on: join them all, then fail
             self._failure = str(err) if isinstance(err, EngineError) else _describe(err)
             raise EngineError(
                 f"vLLM could not load the new weights: {self._failure}. In-place reload needs a vLLM with "
@@ -296,16 +304,15 @@ class VLLMEngine:
             ) from err
         self._weights_discarded = False
 
-    def _weights(self, policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        # `merged_weights` names tensors like the base HF checkpoint (LoRA deltas merged out of place). They go
-        # one at a time, so a dtype cast (fp32 trainer -> bf16 engine) never holds a second full copy, and
+    def _weights(self, policy: torch.nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        # `weight_makers` names tensors like the base HF checkpoint (LoRA deltas merged out of place). They are
+        # made one at a time, so a dtype cast (fp32 trainer -> bf16 engine) never holds a second full copy, and
         # vLLM copies each into its own storage: the trainer may change its parameters afterwards.
         # A tied embedding goes out under both of its names, as state_dict lists it. Measured on vLLM 0.32 CPU:
         # sent only as `model.embed_tokens.weight`, the LM head kept producing logits from the old matrix
         # (log-probs off by nats; on CPU the head keeps its own packed copy, redone only when the head's layer
         # receives a weight). Under both names the log-probs match the trainer's.
-        for name, tensor in merged_weights(policy):
-            yield name, tensor.detach().to(self.engine_dtype)
+        return weight_makers(policy)
 
     # ----------------------------------------------------------------------------------- memory, close
 
@@ -455,6 +462,29 @@ def _missing_shards(fused: dict[str, list[str]], sent: set[str]) -> list[str]:
         if any(s in sent for s in shards):
             missing += [s for s in shards if s not in sent]
     return sorted(missing)
+
+
+class _WeightStream:
+    """The sync's (name, tensor) iterator: each tensor made (gathered, merged) when vLLM asks for it and cast
+    to the engine's dtype; `names` records what was sent. `drain()` makes the rest, each with its errors
+    caught: a rank whose sync failed still joins the other ranks' gathers."""
+
+    def __init__(self, makers: Iterator[tuple[str, Callable[[], torch.Tensor]]], dtype: torch.dtype) -> None:
+        self.makers, self.dtype, self.names = iter(makers), dtype, set()
+
+    def __iter__(self) -> _WeightStream:
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        name, make = next(self.makers)
+        tensor = make().detach().to(self.dtype)
+        self.names.add(name)
+        return name, tensor
+
+    def drain(self) -> None:
+        for _, make in self.makers:
+            with contextlib.suppress(Exception):
+                make()
 
 
 class _UnloadedWeights(logging.Handler):

@@ -166,3 +166,103 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_news(failing):
             got[0]
             == "AhaError: rank 1 failed while starting the rollout engine (its error is in its output); stopping rank 0 too"
         )
+
+
+class _StubLLM:
+    """vLLM's calls that a weight sync makes, without vLLM: `reload_weights` consumes the weights (each one a
+    FSDP gather) and may fail after `fail_after` of them; `wake_up` may fail."""
+
+    def __init__(self, fail_after: int | None = None, fail_wake: bool = False) -> None:
+        self.fail_after, self.fail_wake = fail_after, fail_wake
+
+    def collective_rpc(self, method: str, kwargs: dict) -> None:
+        for i, _ in enumerate(kwargs["weights_iterator"]):
+            if i + 1 == self.fail_after:
+                raise RuntimeError("injected reload failure")
+
+    def wake_up(self, tags: list[str]) -> None:
+        if self.fail_wake:
+            raise RuntimeError("injected wake failure")
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+class _StubVLLM:
+    """vLLM's start-up as the ranks see it: collectives on the world group (its parallel groups)."""
+
+    class LLM:
+        def __init__(self, **kwargs) -> None:
+            torch.distributed.all_reduce(torch.ones(1))
+
+
+def _sync_rank(rank: int, port: int, scenario: str, results) -> None:
+    """One FSDP rank of `test_a_sync_or_start_up_failing_on_one_rank_stops_every_rank_without_a_hang`: the
+    vLLM engine's own sync and start-up code, on a stand-in for vLLM; rank 1 fails in `scenario`."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    from rl.distributed import Distributed
+    from rollouts.vllm_engine import VLLMEngine
+
+    dist = Distributed(torch.device("cpu"), sharding="fsdp")
+    torch.manual_seed(0)
+    policy = dist.wrap(torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(4))))
+    fails = rank == 1
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.__dict__.update(
+        llm=_StubLLM(fail_after=2 if fails and scenario == "mid-generator" else None, fail_wake=fails),
+        on_cpu=True, local_rank=rank, engine_dtype=torch.bfloat16, _fused={}, _failure=None,
+        _asleep=scenario == "wake", _kv_asleep=False, _weights_discarded=False,
+    )  # fmt: skip
+    try:
+        if scenario == "start-up":
+            with dist.together("starting the rollout engine"):
+                if fails:
+                    raise RuntimeError("vLLM is not installed")
+                engine._start(_StubVLLM, {"model": "tiny"})
+        else:
+            with dist.together("syncing the weights into the rollout engine"):
+                engine.wake()
+                engine.update_weights(policy)
+        results.put((rank, "ok"))
+    except Exception as err:
+        results.put((rank, f"{type(err).__name__}: {err}"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("scenario", ["none", "wake", "mid-generator", "start-up"])
+def test_a_sync_or_start_up_failing_on_one_rank_stops_every_rank_without_a_hang(scenario):
+    # Rank 1 fails at wake (before any gather), half-way through the weights (after the early vote, with
+    # gathers still to come) or before vLLM's start-up collectives; rank 0 must stop with the news, not hang.
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = 29720 + ["none", "wake", "mid-generator", "start-up"].index(scenario)
+    ranks = [context.Process(target=_sync_rank, args=(r, port, scenario, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in ranks)  # a hang fails here
+    finally:
+        for p in ranks:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    phase = (
+        "starting the rollout engine"
+        if scenario == "start-up"
+        else "syncing the weights into the rollout engine"
+    )
+    if scenario == "none":
+        assert got == {0: "ok", 1: "ok"}
+        return
+    assert (
+        got[0] == f"AhaError: rank 1 failed while {phase} (its error is in its output); stopping rank 0 too"
+    )
+    expected = {
+        "wake": "EngineError: vLLM could not wake up: RuntimeError: injected wake failure",
+        "mid-generator": "EngineError: vLLM could not load the new weights: RuntimeError: injected reload",
+        "start-up": "RuntimeError: vLLM is not installed",
+    }[scenario]
+    assert got[1].startswith(expected), got[1]
