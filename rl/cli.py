@@ -2,7 +2,10 @@
 
 aha train [RECIPE] [key.sub=value ...]     RECIPE: a shipped recipe name or a YAML path (default: default)
 aha recipes                                the shipped recipes with their one-line descriptions
-aha eval MODEL_OR_RUN --data NAME [--k 8]  pass@1, pass@k and maj@k of a model on a dataset
+aha eval MODEL_OR_RUN --data NAME [--k 8]  pass@1, pass@k and maj@k of a model on a dataset (a run directory
+                                           without --data: on the run's own held-out set)
+aha eval MODEL_OR_RUN --suite reasoning    the R1-Zero papers' table: AIME24/25, AMC23, MATH-500, Minerva-math,
+                                           OlympiadBench, GSM8K (docs/evaluation.md)
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ ENGINE_NAMES = ("transformers", "vllm")
 """The engines `aha eval --engine` offers: those rollouts.ENGINES registers (kept here so the CLI starts without
 importing torch; a test keeps them equal)."""
 """The prompt templates `aha eval --template` offers: every one `data.template` takes (a test keeps them equal)."""
+SUITE_NAMES = ("reasoning",)
+"""The suites `aha eval --suite` offers: rl.suite.SUITES's (kept here for a CLI that starts without torch)."""
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -94,14 +99,86 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from rl.evaluate import EvalOptions, print_report, run_eval
+SUITE_FLAGS = ("benchmark", "k_for", "data_dir")
+"""`aha eval` flags that only a suite takes."""
 
-    options = EvalOptions(
-        **{k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
-    )
-    print_report(run_eval(options))
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rl.errors import AhaError
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    if args.suite is None:
+        from rl.evaluate import EvalOptions, run_eval
+
+        if stray := [f"--{k.replace('_', '-')}" for k in SUITE_FLAGS if k in given]:
+            raise AhaError(f"{', '.join(stray)} go(es) with --suite")
+        print_eval_report(run_eval(EvalOptions(**given)))
+        return 0
+    from rl.suite import SuiteOptions, run_suite
+
+    if args.data is not None:
+        raise AhaError("--data and --suite are alternatives: the suite names its own data (see --data-dir)")
+    print_suite_report(run_suite(SuiteOptions(**given)))
     return 0
+
+
+def print_eval_report(result: dict) -> None:
+    """The metrics as a table (rich), with what was evaluated and where the JSON went."""
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result["settings"]
+    console = Console()
+    console.print(
+        f"[bold]{result['model']}[/bold] on [bold]{result['data']}[/bold] ({result['split']}, "
+        f"{result['problems']} problems, k={result['k']} samples each)",
+        highlight=False,
+    )
+    table = Table(show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.1f}" if name == "len_mean" else f"{value:.3f}")
+    console.print(table)
+    console.print(_settings_line(s) + f"; {result['time_s']:.0f} s", highlight=False)
+    if result["problems_unscored"]:
+        console.print(
+            f"{result['problems_unscored']} problems had no gold answer the reward could read (left out)"
+        )
+    console.print(f"results written to {result['out']}", highlight=False)
+
+
+def _settings_line(s: dict) -> str:
+    return (
+        f"temperature {s['temperature']}, top_p {s['top_p']}, max_new_tokens {s['max_new_tokens']}, "
+        f"template {s['template']}, reward {s['reward']}, engine {s['engine']}"
+    )
+
+
+def print_suite_report(result: dict) -> None:
+    """The suite's table (rates in percent), what was skipped, the settings and where the files went."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rl.suite import SUITE_COLUMNS, suite_row
+
+    console = Console(width=None if sys.stdout.isatty() else 120)  # a log file gets the table unwrapped
+    console.print(
+        f"[bold]{result['model']}[/bold], suite [bold]{result['suite']}[/bold] ({result['data']})",
+        highlight=False,
+    )
+    table = Table(show_header=True)
+    for i, column in enumerate(SUITE_COLUMNS):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for name, benchmark in result["benchmarks"].items():
+        table.add_row(*suite_row(name, benchmark))
+    if result["average_avg@k"] is not None and len(result["benchmarks"]) > 1:
+        table.add_row("average", "", "", f"{100 * result['average_avg@k']:.1f}", *[""] * 4)
+    console.print(table)
+    for name, why in result["skipped"].items():
+        console.print(f"skipped {name}: {why}", highlight=False)
+    console.print(_settings_line(result["settings"]) + f"; {result['time_s']:.0f} s", highlight=False)
+    console.print(f"results written to {result['out']}, samples to {result['samples']}", highlight=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,23 +207,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_samples)
     p = sub.add_parser(
         "eval",
-        help="pass@1, pass@k and maj@k of a model on a dataset",
+        help="pass@1, pass@k and maj@k of a model on a dataset, a run's held-out set or a benchmark suite",
         description="Sample k completions per problem and report pass@1, pass@k (unbiased estimator) and "
-        "maj@k (majority vote); results go to a JSON file and a table. See docs/datasets.md.",
+        "maj@k (majority vote); results go to a JSON file and a table. A run directory without --data is "
+        "evaluated on its own held-out set. See docs/datasets.md and docs/evaluation.md.",
     )
     p.add_argument(
         "model", metavar="MODEL_OR_RUN", help="model dir, aha-tiny, packaged name, hub id, or run dir"
     )
     p.add_argument(
         "--data",
-        required=True,
         metavar="NAME_OR_PATH",
-        help="gsm8k, math, math_l3to5, math500, aime24, amc23, mbpp, gym:TASK, builtin:arithmetic, a hub id "
-        "or a .jsonl/.json/.parquet file",
+        help="gsm8k, math, math_l3to5, math500, aime24, aime25, amc23, minerva_math, olympiadbench, mbpp, "
+        "gym:TASK, builtin:arithmetic, a hub id or a .jsonl/.json/.parquet file (default for a run "
+        "directory: the run's held-out set)",
     )
     p.add_argument("--split", help="dataset split (default: test; a local file is used whole)")
-    p.add_argument("--k", type=int, help="samples per problem (default: 8)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    p.add_argument(
+        "--suite",
+        choices=SUITE_NAMES,
+        help="a benchmark suite instead of --data: reasoning = AIME24, AIME25, AMC23, MATH-500, Minerva-math, "
+        "OlympiadBench, GSM8K at temperature 0.6, top-p 0.95, k 32 (AIME, AMC) or 4 (docs/evaluation.md)",
+    )
+    p.add_argument(
+        "--benchmark", action="append", help="suite: only this benchmark (repeatable; default: all)"
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="suite: local copies, DIR/<benchmark>/test.jsonl in the Qwen2.5-Math evaluation layout "
+        "(default: the hub)",
+    )
+    p.add_argument(
+        "--k", type=int, help="samples per problem (default: 8; in a suite, each benchmark's: 32 or 4)"
+    )
+    p.add_argument(
+        "--k-for", action="append", metavar="NAME=K", help="suite: K samples for benchmark NAME (repeatable)"
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N problems (of each benchmark)")
     p.add_argument(
         "--max-new-tokens", type=int, help="completion token limit (default: the run's, else 1024)"
     )

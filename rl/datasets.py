@@ -7,7 +7,8 @@ are; `rl.data.load_rows` then applies `data.answer_key` / `data.answer_format`.
 
 Sources (the `data.source` / `eval.source` / `aha eval --data` string):
 
-    gsm8k, math, math_l3to5, math500, aime24, amc23, mbpp   presets (PRESETS below: hub id, config, columns)
+    gsm8k, math, math_l3to5, math500, aime24, amc23, mbpp   presets (PRESETS below: hub id, config, columns);
+    aime25, minerva_math, olympiadbench                     also the evaluation suite's (rl/suite.py)
     gym:countdown  gym:gsm_symbolic  gym:chain_sum          reasoning-gym tasks, generated offline and seeded;
     gym:countdown?min_numbers=3&max_numbers=4               options go to the task's config
     owner/name  or  owner/name:config                       a hub dataset (datasets.load_dataset)
@@ -377,6 +378,30 @@ def _answer_row(question: str) -> Callable[[dict], dict | None]:
     return normalise
 
 
+def _first(row: dict, keys: tuple[str, ...]) -> Any:
+    """The value of the first of `keys` that the row has and that is not None (None when none is)."""
+    return next((row[key] for key in keys if row.get(key) is not None), None)
+
+
+def _question_answer_row(row: dict) -> dict | None:
+    """A benchmark row that names its question `question` or `problem` and its gold answer `answer`."""
+    answer = plain_answer(row.get("answer"))
+    return {"prompt": _first(row, ("question", "problem")), "answer": answer} if answer else None
+
+
+def olympiad_answer(value: Any) -> str | None:
+    """OlympiadBench's `final_answer`, a list: its first item without `$` (as Qwen2.5-Math's evaluation reads
+    it). Example: `olympiad_answer(["$2^{1009}$"])` -> `"2^{1009}"`."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return plain_answer(str(value).strip().strip("$")) if value is not None else None
+
+
+def _olympiad_row(row: dict) -> dict | None:
+    answer = olympiad_answer(row.get("final_answer"))
+    return {"prompt": _first(row, ("question", "problem")), "answer": answer} if answer else None
+
+
 MBPP_PROMPT = "{text}\nWrite the Python function in a ```python code block. Your code should pass these tests:\n\n{tests}"
 
 
@@ -403,6 +428,13 @@ PRESETS: dict[str, Preset] = {
     "math500": Preset("HuggingFaceH4/MATH-500", None, {"test": "test"}, _answer_row("problem"), "problem, answer"),
     "aime24": Preset("HuggingFaceH4/aime_2024", None, {"test": "train"}, _answer_row("problem"), "problem, answer"),
     "amc23": Preset("math-ai/amc23", None, {"test": "test"}, _answer_row("question"), "question, answer"),
+    "aime25": Preset("math-ai/aime25", None, {"test": "test"}, _question_answer_row, "problem, answer"),
+    "minerva_math": Preset(
+        "math-ai/minervamath", None, {"test": "test"}, _question_answer_row, "question, answer",
+    ),
+    "olympiadbench": Preset(
+        "math-ai/olympiadbench", None, {"test": "test"}, _olympiad_row, "question, final_answer (a list)",
+    ),
     "mbpp": Preset(
         "google-research-datasets/mbpp", "full", {**TRAIN_TEST, "validation": "validation"}, _mbpp_row,
         "text, test_list, test_setup_code",

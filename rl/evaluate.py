@@ -25,17 +25,17 @@ import math
 import re
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from rl.config import Config, DataConfig, RolloutConfig, config_from_dict
+from rl.data import PromptSet
 from rl.errors import AhaError
 from rl.trajectory import Trajectory
 from rollouts import RolloutEngine, SamplingParams, build_engine, engine_class
-
-if TYPE_CHECKING:
-    from rl.config import Config
 
 # ------------------------------------------------------------------------------------------ the metrics
 
@@ -144,11 +144,11 @@ class EvalOptions:
 
     model: str
     """A model directory, `aha-tiny`, a packaged model name, a hub id, or a run directory (uses RUN/model)."""
-    data: str
-    """A data source, as data.source: preset, gym:task, hub id, local file, builtin:arithmetic."""
+    data: str | None = None
+    """As data.source (preset, gym:task, hub id, local file, builtin:*); None: the run's held-out set."""
     split: str = "test"
-    k: int = 8
-    """Samples per problem."""
+    k: int | None = None
+    """Samples per problem; None: 8 (in a suite, each benchmark's own: rl/suite.py)."""
     limit: int | None = None
     max_new_tokens: int | None = None
     """None: the run's rollout.max_new_tokens for a run directory, else 1024."""
@@ -173,8 +173,8 @@ class EvalOptions:
     answer_format: str = "raw"
     max_prompt_tokens: int = 4096
     out: str | None = None
-    """JSON path; None: RUN/eval/<data>-<split>.json for a run directory, else eval-<model>-<data>-<split>.json
-    in the current directory."""
+    """JSON path; None: RUN/eval/<data>-<split>.json (a run's held-out set: held-out-<split>), else
+    ./eval-<model>-<data>-<split>.json."""
 
 
 def resolve_eval_model(name: str) -> tuple[Path | str, dict]:
@@ -210,119 +210,168 @@ def pick_reward(requested: str, columns: list[str]) -> str:
     return "code" if "tests" in columns else "math"
 
 
-def _load(model_path: Path | str, engine: str, dtype: str, device: Any) -> tuple[Any, Any]:
-    """(tokenizer, policy): an engine that samples from the policy module gets it; one that loads its own
-    copy (vLLM) only its config (for the context length)."""
-    from rl.models import load_policy
+@dataclass
+class EvalModel:
+    """A model loaded for evaluation, with what its run directory (if any) says about sampling it."""
 
-    if engine_class(engine).shares_policy:
-        return load_policy(model_path, dtype, device)
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, SimpleNamespace(config=AutoConfig.from_pretrained(model_path))
+    path: Path | str
+    run_config: dict  # the run's config.yaml; {} for a model that is not a run directory
+    tokenizer: Any
+    policy: Any
+    dtype: str
+    max_new_tokens: int
+    stop: list[str]
+    tools: Config | None  # the run's config when it called tools (it is evaluated with them), else None
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip("/")).strip("_")[-60:] or "x"
+def load_eval_model(opts: EvalOptions) -> EvalModel:
+    """`opts.model` on its device, with the token limit, stop strings and tools it is sampled with."""
+    from rl.models import load_policy, pick_device
+
+    model_path, run_config = resolve_eval_model(opts.model)
+    run_rollout = run_config.get("rollout", {})
+    device = pick_device(opts.device)
+    dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if engine_class(opts.engine).shares_policy:  # the engine samples from the policy module
+        tokenizer, policy = load_policy(model_path, dtype, device)
+    else:  # the engine (vLLM) loads its own copy: only the config, for the context length
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        policy = types.SimpleNamespace(config=AutoConfig.from_pretrained(model_path))
+    tools = run_config.get("tools") or {}
+    return EvalModel(
+        model_path, run_config, tokenizer, policy, dtype,
+        max_new_tokens=opts.max_new_tokens or run_rollout.get("max_new_tokens") or 1024,
+        stop=list(opts.stop if opts.stop is not None else run_rollout.get("stop") or []),
+        tools=config_from_dict({"tools": tools}) if tools.get("use") else None,
+    )  # fmt: skip
+
+
+def eval_engine(opts: EvalOptions, model: EvalModel, prompt_tokens: int) -> RolloutEngine:
+    """The engine `aha eval` samples with (the run's engine options for it, then those for running alone),
+    with the run's tools when it called them; `prompt_tokens`: the longest prompt."""
+    from rl.rollout import tool_context, with_tools
+
+    extra = 0 if model.tools is None else tool_context(model.tools)  # observations take context, not budget
+    options = asdict(getattr(RolloutConfig(), opts.engine)) if hasattr(RolloutConfig(), opts.engine) else {}
+    options.update(engine_class(opts.engine).standalone, max_batch_size=opts.batch_size)
+    engine = build_engine(
+        opts.engine, policy=model.policy, tokenizer=model.tokenizer, model_path=str(model.path),
+        dtype=model.dtype, context_len=prompt_tokens + model.max_new_tokens + extra, seed=opts.seed,
+        **options,
+    )  # fmt: skip
+    return engine if model.tools is None else with_tools(engine, model.tokenizer, model.tools)
+
+
+def check_k(k: int, temperature: float) -> None:
+    if k < 1:
+        raise AhaError("--k must be at least 1")
+    if k > 1 and temperature == 0:
+        raise AhaError("k > 1 samples at temperature 0 are all the same: use --temperature > 0 or --k 1")
+
+
+def eval_params(opts: EvalOptions, model: EvalModel, k: int) -> SamplingParams:
+    """k samples a problem at the options' temperature and top-p, with the model's token limit and stops."""
+    return SamplingParams(
+        n=k, max_new_tokens=model.max_new_tokens, temperature=opts.temperature,
+        top_p=opts.top_p if opts.temperature else 1.0, stop=tuple(model.stop), seed=opts.seed,
+        logprobs=False,  # unused here, and they cost vLLM half its throughput at a large vocabulary
+    )  # fmt: skip
+
+
+def sample_problems(
+    problems: Any, engine: RolloutEngine, scorer: Any, params: SamplingParams, progress: bool, label: str
+) -> Any:
+    """Every problem's k samples, scored, with a progress bar named `label` (rl.rollout.sample_and_score)."""
+    from rl.rollout import sample_and_score
+
+    per_call = None if engine.batch_size is None else max(1, engine.batch_size // params.n)  # the bar moves
+    with _progress(progress, len(problems), label) as advance:
+        rows = list(range(len(problems)))
+        return sample_and_score(problems, engine, scorer, rows, params, per_call=per_call, advance=advance)
+
+
+def eval_settings(opts: EvalOptions, model: EvalModel, template: str, reward: str, params: Any) -> dict:
+    return {
+        "template": template, "reward": reward, "engine": opts.engine, "temperature": opts.temperature,
+        "top_p": params.top_p, "max_new_tokens": model.max_new_tokens, "stop": model.stop, "seed": opts.seed,
+        "dtype": model.dtype, "limit": opts.limit,
+        "tools": [t.name for t in model.tools.tools.use] if model.tools else [],
+    }  # fmt: skip
 
 
 def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     """Sample k completions per problem, score them, and return (and write) the results as a dict."""
     from rewards import RewardScorer, RewardSpec
-    from rl.config import DataConfig
-    from rl.data import PromptSet
-    from rl.models import pick_device
-    from rl.rollout import sample_and_score, tool_context, with_tools
 
-    if opts.k < 1:
-        raise AhaError("--k must be at least 1")
-    if opts.k > 1 and opts.temperature == 0:
-        raise AhaError("k > 1 samples at temperature 0 are all the same: use --temperature > 0 or --k 1")
     started = time.perf_counter()
-    model_path, run_config = resolve_eval_model(opts.model)
-    run_rollout = run_config.get("rollout", {})
-    max_new_tokens = opts.max_new_tokens or run_rollout.get("max_new_tokens") or 1024
-    stop = list(opts.stop if opts.stop is not None else run_rollout.get("stop") or [])
-    device = pick_device(opts.device)
-    dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    tokenizer, policy = _load(model_path, opts.engine, dtype, device)
-    template = pick_template(opts.template, opts.data, run_config, tokenizer)
-    data = DataConfig(
-        source=opts.data, prompt_key=opts.prompt_key, answer_key=opts.answer_key,
-        answer_format=opts.answer_format, template=template, max_prompt_tokens=opts.max_prompt_tokens,
-    )  # fmt: skip
-    problems = PromptSet.load(
-        data, tokenizer, source=opts.data, split=opts.split, limit=opts.limit, seed=opts.seed
-    )
+    check_k(opts.k or 8, opts.temperature)
+    model = load_eval_model(opts)
+    label = opts.data or "held-out"
+    template = pick_template(opts.template, label, model.run_config, model.tokenizer)
+    if opts.data is None:  # the run's held-out set, as the run built it
+        problems = run_held_out(model.run_config, model.tokenizer, template, opts.limit)
+    else:
+        data = DataConfig(
+            source=opts.data, prompt_key=opts.prompt_key, answer_key=opts.answer_key,
+            answer_format=opts.answer_format, template=template, max_prompt_tokens=opts.max_prompt_tokens,
+        )  # fmt: skip
+        problems = PromptSet.load(
+            data, model.tokenizer, source=opts.data, split=opts.split, limit=opts.limit, seed=opts.seed
+        )
+    params = eval_params(opts, model, opts.k or 8)
     reward = pick_reward(opts.reward, problems.columns)
-    scorer = RewardScorer([RewardSpec(reward)])
-    tools = _run_tools(run_config)
-    extra = 0 if tools is None else tool_context(tools)  # observations take context, not budget
-    engine = _standalone_engine(opts, policy, tokenizer, model_path, dtype, problems, max_new_tokens + extra)
-    if tools is not None:  # a run that called tools is evaluated with them, as it trained
-        engine = with_tools(engine, tokenizer, tools)
-    params = SamplingParams(
-        n=opts.k, max_new_tokens=max_new_tokens, temperature=opts.temperature,
-        top_p=opts.top_p if opts.temperature else 1.0, stop=tuple(stop), seed=opts.seed,
-        logprobs=False,  # unused here, and they cost vLLM half its throughput at a large vocabulary
-    )  # fmt: skip
-    # An engine with a batch size gets a problem batch at a time, so that the progress bar moves.
-    per_call = None if engine.batch_size is None else max(1, engine.batch_size // opts.k)
+    engine = eval_engine(opts, model, max(len(ids) for ids in problems.ids))
     try:
-        with _progress(progress, len(problems)) as advance:
-            rows = list(range(len(problems)))
-            sampled = sample_and_score(
-                problems, engine, scorer, rows, params, per_call=per_call, advance=advance
-            )
+        with RewardScorer([RewardSpec(reward)]) as scorer:
+            sampled = sample_problems(problems, engine, scorer, params, progress, "sampling")
     finally:
         engine.close()
-    settings = {
-        "template": template, "reward": reward, "engine": opts.engine, "temperature": opts.temperature,
-        "top_p": params.top_p, "max_new_tokens": max_new_tokens, "stop": stop, "seed": opts.seed,
-        "dtype": dtype, "limit": opts.limit, "tools": [t.name for t in tools.tools.use] if tools else [],
+    metrics, records = score_problems(sampled, reward, tools=model.tools is not None)
+    result = {
+        "model": opts.model, "model_path": str(model.path), "data": label, "split": opts.split,
+        "problems": len(problems), "k": params.n, "metrics": metrics,
+        "problems_unscored": sum(all(x is None for x in r["correct"]) for r in records),  # no gold answer
+        "majority_vote": "normalised answer string (rl.evaluate.normalize_answer); ties: first seen",
+        "settings": eval_settings(opts, model, template, reward, params), "records": records,
+        "time_s": round(time.perf_counter() - started, 2),
     }  # fmt: skip
-    result = _eval_result(opts, model_path, problems, sampled, reward, settings)
-    result["time_s"] = round(time.perf_counter() - started, 2)
-    out = Path(opts.out) if opts.out else default_out(opts, bool(run_config))
+    out = Path(opts.out) if opts.out else default_out(opts, bool(model.run_config), f"{label}-{opts.split}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["out"] = str(out)
     return result
 
 
-def _run_tools(run_config: dict) -> Config | None:
-    """The run's config when it called tools (its `tools` section with the rest at defaults), else None."""
-    from rl.config import config_from_dict
-
-    if not (run_config.get("tools") or {}).get("use"):
-        return None
-    return config_from_dict({"tools": run_config["tools"]})
-
-
-def _standalone_engine(
-    opts: EvalOptions, policy: Any, tokenizer: Any, model_path: Path | str, dtype: str, problems: Any,
-    max_new_tokens: int,
-) -> RolloutEngine:  # fmt: skip
-    """The engine `aha eval` samples with: the run's engine options for it, then those for running alone."""
-    from rl.config import RolloutConfig
-
-    options = asdict(getattr(RolloutConfig(), opts.engine)) if hasattr(RolloutConfig(), opts.engine) else {}
-    options.update(engine_class(opts.engine).standalone, max_batch_size=opts.batch_size)
-    return build_engine(
-        opts.engine, policy=policy, tokenizer=tokenizer, model_path=str(model_path), dtype=dtype,
-        context_len=max(len(ids) for ids in problems.ids) + max_new_tokens, seed=opts.seed, **options,
-    )  # fmt: skip
+def run_held_out(run_config: dict, tokenizer: Any, template: str, limit: int | None) -> Any:
+    """A run directory's held-out set as the run built it (`train_and_held_out`), in `template`, first N."""
+    config = config_from_dict(run_config) if run_config else None
+    if config is None or not config.eval.size:
+        what = (
+            "the run has no held-out set (eval.size=0)" if config else "not a run directory (no held-out set)"
+        )
+        raise AhaError(f"{what}: name the data to evaluate on with --data, or a suite with --suite")
+    config.eval.size, config.data.template = min(config.eval.size, limit or config.eval.size), template
+    return train_and_held_out(config, tokenizer)[1]
 
 
-def _eval_result(
-    opts: EvalOptions, model_path: Path | str, problems: Any, sampled: Any, reward: str, settings: dict
-) -> dict:
-    """pass@j, maj@k and length figures, with one record per problem."""
+def train_and_held_out(config: Config, tokenizer: Any) -> tuple[Any, Any]:
+    """The training prompts, and the held-out ones (none of which is a training prompt; None: eval.size=0)."""
+    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed)
+    eval_set = None
+    if config.eval.size:
+        eval_set = PromptSet.load(
+            config.data, tokenizer, source=config.eval.source or config.data.source, split=config.eval.split,
+            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size,
+        )  # fmt: skip
+    return train_set, eval_set
+
+
+def score_problems(sampled: Any, reward: str, tools: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """pass@j, maj@k and length figures of scored groups, with one record per problem."""
     from rewards.math import extract_answer
     from rewards.text import prompt_opens_think
 
@@ -340,20 +389,15 @@ def _eval_result(
                 "prompt": group[0].prompt, "gold": group[0].row.get("answer"), "answers": extracted,
                 "correct": flags, "majority": None if majority is None else extracted[majority],
                 "completions": [t.text for t in group], "lengths": [len(t.completion_ids) for t in group],
+                "truncated": [t.finish_reason == "length" for t in group],
             }
         )  # fmt: skip
     metrics = summarize(correct, answers)
     metrics.update(length_figures(trajectories))
     metrics["no_answer_frac"] = sum(a is None for group in answers for a in group) / len(trajectories)
-    if settings["tools"]:
+    if tools:
         metrics["tool_call_frac"] = sum(t.tool_calls > 0 for t in trajectories) / len(trajectories)
-    return {
-        "model": opts.model, "model_path": str(model_path), "data": opts.data, "split": opts.split,
-        "problems": len(problems), "problems_unscored": sum(all(x is None for x in flags) for flags in correct),
-        "k": opts.k, "metrics": metrics,
-        "majority_vote": "normalised answer string (rl.evaluate.normalize_answer); ties: first seen",
-        "settings": settings, "records": records,
-    }  # fmt: skip
+    return metrics, records
 
 
 def _verdict(t: Trajectory, reward: str) -> bool | None:
@@ -379,24 +423,17 @@ def length_figures(trajectories: list[Trajectory]) -> dict[str, float]:
 def held_out_params(config: Any) -> SamplingParams:
     """How the run evaluates its held-out set (eval.*; the rollout's token limit and stop strings)."""
     return SamplingParams(
-        n=config.eval.samples,
-        max_new_tokens=config.rollout.max_new_tokens,
-        temperature=config.eval.temperature,
-        top_p=config.rollout.top_p if config.eval.temperature else 1.0,
-        stop=tuple(config.rollout.stop),
-        seed=config.train.seed,
+        n=config.eval.samples, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.eval.temperature, top_p=config.rollout.top_p if config.eval.temperature else 1.0,
+        stop=tuple(config.rollout.stop), seed=config.train.seed,
         logprobs=False,  # unused here, and they cost vLLM half its throughput at a large vocabulary
-    )
+    )  # fmt: skip
 
 
 def evaluate_held_out(
-    engine: RolloutEngine,
-    scorer: Any,
-    eval_set: Any,
-    params: SamplingParams,
-    generation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    tools: bool = False,
-) -> tuple[dict[str, float], list[dict]]:
+    engine: RolloutEngine, scorer: Any, eval_set: Any, params: SamplingParams,
+    generation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, tools: bool = False,
+) -> tuple[dict[str, float], list[dict]]:  # fmt: skip
     """The in-run evaluation: eval/* metrics (mean accuracy = pass@1 over eval.samples each; with `tools`,
     the share of completions that call one) and records."""
     from rl.rollout import sample_and_score
@@ -435,14 +472,19 @@ def before_after(before: list[dict], after: list[dict], count: int = 3) -> str:
     return "\n".join(lines)
 
 
-def default_out(opts: EvalOptions, is_run: bool) -> Path:
+def default_out(opts: EvalOptions, is_run: bool, what: str) -> Path:
+    """RUN/eval/<what>.json for a run directory, else ./eval-<model>-<what>.json."""
     if is_run:
-        return Path(opts.model).expanduser() / "eval" / f"{_slug(opts.data)}-{opts.split}.json"
-    return Path(f"eval-{_slug(opts.model)}-{_slug(opts.data)}-{opts.split}.json")
+        return Path(opts.model).expanduser() / "eval" / f"{_slug(what)}.json"
+    return Path(f"eval-{_slug(opts.model)}-{_slug(what)}.json")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip("/")).strip("_")[-60:] or "x"
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
     """A rich progress bar over problems when stderr is a terminal; yields `advance(n)`."""
     if not (enabled and sys.stderr.isatty()):
         yield lambda n: None
@@ -451,35 +493,5 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("sampling", total=total)
+        task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
-
-
-def print_report(result: dict) -> None:
-    """The metrics as a table (rich), with what was evaluated and where the JSON went."""
-    from rich.console import Console
-    from rich.table import Table
-
-    s = result["settings"]
-    console = Console()
-    console.print(
-        f"[bold]{result['model']}[/bold] on [bold]{result['data']}[/bold] ({result['split']}, "
-        f"{result['problems']} problems, k={result['k']} samples each)",
-        highlight=False,
-    )
-    table = Table(show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in result["metrics"].items():
-        table.add_row(name, f"{value:.1f}" if name == "len_mean" else f"{value:.3f}")
-    console.print(table)
-    console.print(
-        f"temperature {s['temperature']}, top_p {s['top_p']}, max_new_tokens {s['max_new_tokens']}, "
-        f"template {s['template']}, reward {s['reward']}, engine {s['engine']}; {result['time_s']:.0f} s",
-        highlight=False,
-    )
-    if result["problems_unscored"]:
-        console.print(
-            f"{result['problems_unscored']} problems had no gold answer the reward could read (left out)"
-        )
-    console.print(f"results written to {result['out']}", highlight=False)

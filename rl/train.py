@@ -185,20 +185,31 @@ def end_of_step(
 
 
 def evaluate(run: Run, evaluations: dict, when: str, row: dict, log: bool = False) -> None:
-    """The held-out evaluation (rank 0 evaluates; every rank joins the gathering of sharded weights): its
-    metrics go into `row`, its records into evaluations[when]."""
-    if run.eval_set is None:
+    """The held-out evaluation and the eval.suite benchmarks (rank 0 evaluates; every rank joins the gathering
+    of sharded weights): their metrics go into `row`, the held-out records into evaluations[when]."""
+    suite = run.config.eval.suite
+    if run.eval_set is None and not suite:
         return
     with run.generation_weights():
         if run.dist.is_main:
             params = held_out_params(run.config)
-            metrics, evaluations[when] = evaluate_held_out(
-                run.engine, run.scorer, run.eval_set, params, tools=bool(run.config.tools.use)
-            )
-            row.update(metrics)
+            if run.eval_set is not None:
+                metrics, evaluations[when] = evaluate_held_out(
+                    run.engine, run.scorer, run.eval_set, params, tools=bool(run.config.tools.use)
+                )
+                row.update(metrics)
+            if suite:  # benchmarks of the evaluation suite, e.g. AIME and MATH-500 curves (rl/suite.py)
+                from rl.suite import evaluate_suite_in_run
+
+                row.update(evaluate_suite_in_run(run.engine, run.tokenizer, run.config, params))
     if log and run.dist.is_main:
         run.loggers.log(row)
-        run.console.message(f"held-out {when} training: {eval_summary(row)}", style="cyan")
+        summary = [eval_summary(row)] if run.eval_set is not None else []
+        if suite:
+            from rl.suite import suite_summary
+
+            summary.append(suite_summary(row, suite))
+        run.console.message(f"held-out {when} training: {'; '.join(summary)}", style="cyan")
 
 
 def write_samples(run: Run, step: int, batch: StepBatch) -> None:
