@@ -52,9 +52,12 @@ class Distributed:
         self.accelerator = None
         if self.world > 1:
             from accelerate import Accelerator
-            from accelerate.utils import DistributedType
+            from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-            self.accelerator = Accelerator(cpu=device.type == "cpu")
+            # The .grad tensors as views into DDP's flat buckets: 4 bytes a parameter for both, not 8
+            # (rl/gpu_memory.py); the buckets are allocated after vLLM has sized itself, and stay.
+            buckets = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+            self.accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[buckets])
             self.rank = self.accelerator.process_index
             # aha shards the model itself (below), so an accelerate config that asks for FSDP must agree with
             # train.sharding rather than silently train unsharded.

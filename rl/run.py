@@ -35,7 +35,7 @@ from rl.models import (
     seed_everything,
 )
 from rl.report import plot_runs, write_samples_html
-from rl.rollout import resolve_environment, tool_context, with_environment, with_tools
+from rl.rollout import prompt_tools, resolve_environment, tool_context, with_environment, with_tools
 from rl.rundir import open_run_dir, plan_run
 from rl.tracking import Alarms, Console, Loggers
 from rl.update import Trainee, lr_factor
@@ -216,19 +216,23 @@ def _load_models(
     # model itself, reached by switching the adapters off, so no second copy is loaded either.
     reference = None
     if config.algorithm.kl_coef and not lora:
-        reference = load_policy(model_path, config.model.dtype, device)[1].eval().requires_grad_(False)
+        # Frozen, it runs under autocast anyway: loaded in the compute dtype it takes half the memory (5.7 GiB
+        # less at 3B) and gives the same bf16 products.
+        ref_dtype = config.model.compute_dtype or config.model.dtype
+        reference = load_policy(model_path, ref_dtype, device)[1].eval().requires_grad_(False)
         reference = dist.wrap(CompletionLogprobs(reference), trains=False)
     return tokenizer, policy, reference, policy_path
 
 
 def _load_data(config: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
     """The training prompts, and the held-out ones (none of which is a training prompt)."""
-    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed)
+    tools = prompt_tools(config)  # what a chat template renders into each prompt for the model to call
+    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed, tools=tools)
     eval_set = None
     if config.eval.size:
         eval_set = PromptSet.load(
             config.data, tokenizer, source=config.eval.source or config.data.source, split=config.eval.split,
-            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size,
+            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size, tools=tools,
         )  # fmt: skip
     return train_set, eval_set
 

@@ -292,6 +292,8 @@ class VLLMEngine:
                     "sleep); the policy's state_dict names must cover every weight of the engine's model"
                 )
             if self._kv_asleep:
+                if torch.cuda.is_available():  # the sync's temporaries would stay cached beside the KV cache
+                    torch.cuda.empty_cache()
                 self.llm.wake_up(tags=["kv_cache"])
                 self._kv_asleep = False
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights

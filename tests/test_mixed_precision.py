@@ -220,3 +220,23 @@ def test_training_under_mixed_precision_samples_and_trains_in_bfloat16(
     assert all(0 <= r["rollout/logprob_diff_mean"] <= 2 * ulp for r in rows)
     saved = json.loads((run_dir / "model" / "config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype")) == "float32"  # the master weights are saved
+
+
+def test_the_reference_model_is_loaded_in_the_compute_dtype(lively_model_dir):
+    # Frozen and run under autocast, an fp32 reference would only hold a second fp32 copy (5.7 GiB at 3B).
+    from rl.run import _load_models
+
+    for compute, expected in (("bfloat16", torch.bfloat16), (None, torch.float32)):
+        config = load_config(
+            None,
+            [
+                f"model.path={lively_model_dir}",
+                f"model.compute_dtype={compute or 'null'}",
+                "algorithm.kl_coef=0.01",
+            ],
+        )
+        _, policy, reference, _ = _load_models(
+            config, torch.device("cpu"), Distributed(torch.device("cpu")), None
+        )
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}  # the master weights
+        assert {p.dtype for p in reference.parameters()} == {expected}
