@@ -388,8 +388,12 @@ class ToolsConfig:
     """The tools a completion may call: [{name: python}]. Empty: no tool calls, the rollouts of today. With
     any, rollouts are multi-turn (rollouts/multiturn.py; docs/tools.md); several tools each need their own
     call_start, e.g. [{name: python}, {name: calculator, call_start: "<calc>", call_end: "</calc>"}]."""
+    format: Literal["markers", "json"] = "markers"
+    """How the model calls a tool: `markers`, between call_start and call_end (base models); `json`, in the
+    function-calling format of instruct models, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+    with the tools' descriptions rendered into the prompt by the chat template (template: chat)."""
     max_calls: int = 4
-    """Most tool calls a completion may make; later calls get an error observation."""
+    """Most tool calls a completion may make; later calls get an error observation (json: the episode ends)."""
     call_start: str = "```python\n"
     """Text that opens a call; what follows, up to call_end, is the call."""
     call_end: str = "\n```"

@@ -144,11 +144,12 @@ class PromptSet:
     template: str = "plain"  # how a question became its prompt text (rl/templates.py)
     prompt_key: str = "prompt"
     tokenizer: PreTrainedTokenizerBase | None = None
+    tools: list | None = None  # the tools a chat template renders into each prompt (function-calling format)
 
     def encode(self, row: dict, extra: str = "") -> list[int]:
         """Prompt ids of `row` with `extra` appended to its question (an environment's reset text), templated
         and encoded as the set's own prompts are."""
-        text = apply_template(self.template, str(row[self.prompt_key]) + extra, self.tokenizer)
+        text = apply_template(self.template, str(row[self.prompt_key]) + extra, self.tokenizer, self.tools)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
@@ -166,6 +167,7 @@ class PromptSet:
         seed: int = 0,
         exclude: set[str] = frozenset(),
         size: int | None = None,
+        tools: list | None = None,
     ) -> PromptSet:
         """Load, check and encode a dataset as the `data` section says (columns, template, prompt limit): the
         section's own source, split and row limit, or, when `source` is given (a held-out set, `aha eval`),
@@ -173,7 +175,8 @@ class PromptSet:
 
         Bad rows (a missing or empty field, a prompt over data.max_prompt_tokens) stop with an error that names
         the row and the field, or are skipped and counted (data.on_bad_row). Rows whose prompt is in
-        `exclude` are dropped (held-out sets); `size` keeps the first that many of the rest.
+        `exclude` are dropped (held-out sets); `size` keeps the first that many of the rest. `tools`: rendered
+        into each prompt by a chat template (rl/rollout.py `prompt_tools`).
         """
         if source is None:
             source, split, limit = data.source, data.split, data.limit
@@ -192,7 +195,7 @@ class PromptSet:
         for i, row in enumerate(raw):
             problem = next((f"field {f!r} is missing or empty" for f in fields if _empty(row.get(f))), None)
             if problem is None:
-                text = apply_template(data.template, str(row[data.prompt_key]), tokenizer)
+                text = apply_template(data.template, str(row[data.prompt_key]), tokenizer, tools)
                 if text in exclude:
                     continue
                 tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -219,4 +222,4 @@ class PromptSet:
                 "(or eval.size=0 for no evaluation)"
             )
         columns = sorted(k for k in fields if k != data.prompt_key)
-        return cls(rows, texts, ids, columns, skipped, data.template, data.prompt_key, tokenizer)
+        return cls(rows, texts, ids, columns, skipped, data.template, data.prompt_key, tokenizer, tools)

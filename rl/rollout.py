@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import math
 import time
+import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from rl.trajectory import Trajectory, flatten
 from rollouts.base import Completion, RolloutEngine, SamplingParams
 from rollouts.environments import EnvironmentRollout, environment_reward
 from rollouts.multiturn import ToolRollout
+from rollouts.tools import Toolbox
 
 if TYPE_CHECKING:
     from rl.config import Config
@@ -181,9 +185,10 @@ def tool_context(config: Config) -> int:
     return config.tools.max_calls * config.tools.max_output_tokens if config.tools.use else 0
 
 
-def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRollout:
-    """The engine with multi-turn tool calls (rollouts/multiturn.py): every tool of `tools.use`, each called
-    between its own markers (the section's where it sets none)."""
+def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRollout | EnvironmentRollout:
+    """The engine with multi-turn tool calls: every tool of `tools.use`, called between its own markers (the
+    section's where it sets none; rollouts/multiturn.py), or in the JSON function-calling format
+    (`tools.format: json`: the tools as an environment's methods, rollouts/environments.py)."""
     from rollouts.multiturn import Markers
     from rollouts.tools import Toolbox, resolve_tool
 
@@ -194,6 +199,11 @@ def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRol
         tools.timeout_s,
         tools.max_output_chars,
     )
+    if tools.format == "json":
+        return EnvironmentRollout(
+            engine, tokenizer, functools.partial(ToolsEnvironment, toolbox), max_turns=tools.max_calls + 1,
+            timeout_s=tools.timeout_s, max_chars=tools.max_output_chars,
+        )  # fmt: skip
     markers = {
         spec.name: Markers(
             spec.call_start or tools.call_start, spec.call_end or tools.call_end, tools.output_start,
@@ -202,6 +212,68 @@ def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRol
         for spec in tools.use
     }  # fmt: skip
     return ToolRollout(engine, tokenizer, toolbox, markers, tools.max_calls)
+
+
+class ToolsEnvironment:
+    """The tools of `tools:` as an environment's methods, for the JSON function-calling format: the model
+    calls `{"name": TOOL, "arguments": {ARG: ...}}`, ARG the tool's first parameter (`call` for the
+    built-ins); the tool gets its options and the row's columns, as in the marker format."""
+
+    def __init__(self, toolbox: Toolbox) -> None:
+        self._toolbox = toolbox
+        self._row: dict = {}
+        for name, fn in toolbox.tools.items():
+            setattr(self, name, types.MethodType(_tool_method(fn, toolbox.options.get(name, {})), self))
+
+    def reset(self, **row: Any) -> None:
+        self._row = row
+
+
+def _tool_method(fn: Callable[..., Any], options: dict) -> Callable[..., Any]:
+    first = _first_parameter(fn)
+
+    def method(self: ToolsEnvironment, **arguments: Any) -> str:
+        if set(arguments) != {first}:
+            raise TypeError(f"takes one argument, {first!r}; got {sorted(arguments)}")
+        return fn(arguments[first], **options, **self._row)
+
+    return method
+
+
+def _first_parameter(fn: Callable[..., Any]) -> str:
+    return next(iter(inspect.signature(fn).parameters), "call")
+
+
+def tool_schemas(toolbox_specs: list, resolve: Callable[[str], Callable[..., Any]]) -> list[dict]:
+    """JSON schemas of `tools:` tools for a chat template: each one's name, its docstring's first paragraph,
+    and its one string argument."""
+    schemas = []
+    for spec in toolbox_specs:
+        fn = resolve(spec.name)
+        doc = (inspect.getdoc(fn) or spec.name).split("\n\n")[0].replace("\n", " ")
+        arg = _first_parameter(fn)
+        parameters = {"type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}
+        schemas.append(
+            {
+                "type": "function",
+                "function": {"name": spec.name, "description": doc, "parameters": parameters},
+            }
+        )
+    return schemas
+
+
+def prompt_tools(config: Config) -> list | None:
+    """What a chat template renders into each prompt for the model to call: an environment's tool methods,
+    or the JSON schemas of `tools:` with `tools.format: json`; None otherwise."""
+    from rollouts.environments import tool_methods
+    from rollouts.tools import resolve_tool
+
+    if config.environment.name:
+        env = resolve_environment(config.environment.name)(**config.environment.kwargs)
+        return list(tool_methods(env).values()) or None
+    if config.tools.use and config.tools.format == "json":
+        return tool_schemas(config.tools.use, resolve_tool)
+    return None
 
 
 def with_environment(engine: RolloutEngine, tokenizer: Any, config: Config) -> EnvironmentRollout:

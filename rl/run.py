@@ -35,7 +35,7 @@ from rl.models import (
     seed_everything,
 )
 from rl.report import plot_runs, write_samples_html
-from rl.rollout import resolve_environment, tool_context, with_environment, with_tools
+from rl.rollout import prompt_tools, resolve_environment, tool_context, with_environment, with_tools
 from rl.rundir import open_run_dir, plan_run
 from rl.tracking import Alarms, Console, Loggers
 from rl.update import Trainee, lr_factor
@@ -226,12 +226,13 @@ def _load_models(
 
 def _load_data(config: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
     """The training prompts, and the held-out ones (none of which is a training prompt)."""
-    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed)
+    tools = prompt_tools(config)  # what a chat template renders into each prompt for the model to call
+    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed, tools=tools)
     eval_set = None
     if config.eval.size:
         eval_set = PromptSet.load(
             config.data, tokenizer, source=config.eval.source or config.data.source, split=config.eval.split,
-            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size,
+            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size, tools=tools,
         )  # fmt: skip
     return train_set, eval_set
 

@@ -22,8 +22,9 @@ R1_ZERO = (
 BOXED = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.\n"
 
 
-def apply_template(name: str, question: str, tokenizer: Any = None) -> str:
-    """Render one question with the named template.
+def apply_template(name: str, question: str, tokenizer: Any = None, tools: list | None = None) -> str:
+    """Render one question with the named template. `tools` (functions or JSON schemas): the tools the model
+    may call, rendered by a chat template in its own function-calling format (other templates ignore them).
 
     Example: apply_template("boxed", "1+1?") -> "1+1?\\nPlease reason step by step, ... \\boxed{}.\\n"
     """
@@ -39,7 +40,7 @@ def apply_template(name: str, question: str, tokenizer: Any = None) -> str:
                 f"template {name!r} needs a tokenizer with a chat template; use r1_zero or boxed"
             )
         content = BOXED.format(question=question).strip() if name == "chat_boxed" else question
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": content}]
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     raise ValueError(f"unknown template {name!r}")

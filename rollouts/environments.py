@@ -249,14 +249,11 @@ class EnvironmentRollout:
         kwargs: dict | None = None,
         max_turns: int = 4,
         timeout_s: float = 30.0,
+        max_chars: int = 2000,
     ) -> None:
-        self.engine, self.tokenizer, self.factory, self.kwargs = (
-            engine,
-            tokenizer,
-            factory,
-            dict(kwargs or {}),
-        )
-        self.max_turns, self.timeout_s = max_turns, timeout_s
+        self.engine, self.tokenizer, self.factory = engine, tokenizer, factory
+        self.kwargs = dict(kwargs or {})
+        self.max_turns, self.timeout_s, self.max_chars = max_turns, timeout_s, max_chars
         self.turns = ToolRollout(engine, tokenizer)
         self.shares_policy, self.batch_size = engine.shares_policy, engine.batch_size
         self.standalone, self.summary = engine.standalone, engine.summary
@@ -278,7 +275,9 @@ class EnvironmentRollout:
                 failures.append(failure)
                 ids.append(reprompt(row, suffix) if suffix else list(prompt))
         shared = all(ids[i] == prompts[i // params.n] for i in range(len(ids)))
-        episodes = [EnvEpisode(e, self.tokenizer, self.max_turns, self.timeout_s) for e in envs]
+        episodes = [
+            EnvEpisode(e, self.tokenizer, self.max_turns, self.timeout_s, self.max_chars) for e in envs
+        ]
         completions = self.turns.run(prompts if shared else ids, episodes, params)
         for c, failure in zip(completions, failures, strict=True):
             c.error = failure or c.error

@@ -273,3 +273,42 @@ def test_an_environment_s_episodes_are_the_same_on_vllm_and_the_transformers_eng
             torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=FP32_TOLERANCE, rtol=0
         )
     assert any(c.tool_calls == 2 for c in got)  # some episodes ran all three turns
+
+
+# ------------------------------------------------------------------ tools: in the function-calling format
+
+
+def test_tools_in_the_json_format_are_called_with_their_options_and_the_row_s_columns():
+    from rl.rollout import ToolsEnvironment
+    from rollouts.tools import Toolbox, calculator
+
+    def lookup(call: str, answer: str, **columns) -> str:
+        return f"{call}={answer}"
+
+    toolbox = Toolbox({"calculator": calculator, "lookup": lookup}, timeout_s=5)
+    calls = ['<tool_call>{"name": "calculator", "arguments": {"call": "2+3"}}</tool_call>',
+             '<tool_call>{"name": "lookup", "arguments": {"call": "x"}}</tool_call>',
+             '<tool_call>{"name": "lookup", "arguments": {"code": "x"}}</tool_call>', "ok<eos>"]  # fmt: skip
+    (group,), _ = _rollout(lambda: ToolsEnvironment(toolbox), calls, [{"prompt": "1", "answer": "7"}])
+    responses = _inserted_text(group[0]).split("</tool_response>")
+    assert "\n5\n" in responses[0] and "\nx=7\n" in responses[1]  # the row's answer column reached the tool
+    assert "takes one argument, 'call'" in responses[2]  # wrong arguments: an error observation
+    assert (group[0].tool_calls, group[0].tool_errors) == (3, 1)
+
+
+def test_a_chat_template_renders_the_tools_the_model_may_call(tokenizer):
+    from rl.rollout import prompt_tools
+    from rl.templates import apply_template
+
+    tokenizer.chat_template = (
+        "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }}({{ t.function.parameters.required"
+        " | join(',') }});{% endfor %}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    try:
+        env_tools = prompt_tools(load_config(None, ["environment.name=tests.toy_envs:Counter"]))
+        assert apply_template("chat", "Q", tokenizer, env_tools) == "TOOLS:increment(a);Q"  # TRL's schema
+        json_tools = load_config(None, ["tools.use=[{name: calculator}]", "tools.format=json"])
+        assert apply_template("chat", "Q", tokenizer, prompt_tools(json_tools)) == "TOOLS:calculator(call);Q"
+        assert prompt_tools(load_config(None, ["tools.use=[{name: calculator}]"])) is None  # markers: none
+    finally:
+        tokenizer.chat_template = None

@@ -378,3 +378,20 @@ def test_finish_waits_for_each_call_until_its_own_deadline_only():
     observations = toolbox.finish(expired)
     assert [o.error for o in observations] == [True, True]
     assert observations[0].text == "error: the t tool took over 3600 s"
+
+
+def test_several_tools_each_called_between_their_own_markers():
+    from rollouts.multiturn import Markers
+
+    def shout(call: str, **columns) -> str:
+        return call.upper()
+
+    from tests.test_environments import Scripted as TextScripted  # a turn ends at the call's stop strings
+
+    markers = {"t": MARKERS, "shout": Markers("{", "}", "<o>", "</o>")}
+    engine = TextScripted(["<c>2+3</c>", "{ab}", "<eos>"])
+    rollout = ToolRollout(engine, CharTokenizer(), Toolbox({"t": calculator, "shout": shout}), markers, 4)
+    (completion,) = rollout.generate([[7]], SamplingParams(n=1, max_new_tokens=30))[0]
+    text = CharTokenizer().decode(completion.token_ids)
+    assert text == "<c>2+3</c><o>5</o>{ab}<o>AB</o>"  # each call ran its own tool
+    assert completion.tool_calls == 2 and completion.tool_errors == 0
