@@ -339,7 +339,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
         "settings": eval_settings(opts, model, template, reward, params), "records": records,
         "time_s": round(time.perf_counter() - started, 2),
     }  # fmt: skip
-    out = Path(opts.out) if opts.out else default_out(opts, bool(model.run_config), f"{label}-{opts.split}")
+    out = Path(opts.out) if opts.out else default_out(opts, bool(model.run_config), label, opts.split)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["out"] = str(out)
@@ -472,11 +472,12 @@ def before_after(before: list[dict], after: list[dict], count: int = 3) -> str:
     return "\n".join(lines)
 
 
-def default_out(opts: EvalOptions, is_run: bool, what: str) -> Path:
-    """RUN/eval/<what>.json for a run directory, else ./eval-<model>-<what>.json."""
+def default_out(opts: EvalOptions, is_run: bool, what: str, split: str = "") -> Path:
+    """RUN/eval/<what>[-<split>].json for a run directory, else ./eval-<model>-<what>[-<split>].json."""
+    name = _slug(what) + (f"-{split}" if split else "")
     if is_run:
-        return Path(opts.model).expanduser() / "eval" / f"{_slug(what)}.json"
-    return Path(f"eval-{_slug(opts.model)}-{_slug(what)}.json")
+        return Path(opts.model).expanduser() / "eval" / f"{name}.json"
+    return Path(f"eval-{_slug(opts.model)}-{name}.json")
 
 
 def _slug(text: str) -> str:

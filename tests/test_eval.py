@@ -280,3 +280,33 @@ def test_eval_refuses_identical_samples(capsys, tiny_model_dir):
     code = _eval(str(tiny_model_dir), "--data", str(MATH500), "--k", "4", "--temperature", "0")
     assert code == 2
     assert "k > 1 samples at temperature 0 are all the same" in capsys.readouterr().err
+
+
+def test_eval_samples_eight_per_problem_by_default_and_names_its_file_after_model_and_data(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import rl.evaluate
+
+    asked = []
+
+    class Recorder:
+        shares_policy, batch_size, standalone, summary = True, None, {}, ""  # the engine protocol's
+
+        def __init__(self, name, **kwargs):
+            pass
+
+        def generate(self, prompts, params):
+            asked.append(params.n)
+            return [[Completion([5], [0.0], "stop", "\\boxed{23}")] * params.n for _ in prompts]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rl.evaluate, "build_engine", Recorder)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "set.jsonl"
+    shutil.copy(MATH500, data)
+    assert _eval(str(tiny_model_dir), "--data", str(data), "--prompt-key", "problem") == 0
+    assert asked == [8]
+    model, source = (rl.evaluate._slug(str(p)) for p in (tiny_model_dir, data))
+    assert (tmp_path / f"eval-{model}-{source}-test.json").is_file()
