@@ -49,6 +49,9 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = 0
         self.sharding = sharding
+        self.compute_dtype: torch.dtype | None = None
+        """FSDP2 gathers weights in this dtype for the forward and backward, and reduces gradients in float32
+        (model.compute_dtype; None: in the weights' own dtype). Set before `wrap`."""
         self.accelerator = None
         if self.world > 1:
             from accelerate import Accelerator
@@ -106,14 +109,18 @@ class Distributed:
         left (embeddings, tied LM head, final norm). `model` must be the module whose forward the loop calls
         (`CompletionLogprobs`), so that FSDP's root hooks run around every forward."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
+        # Mixed precision: gathered in the compute dtype (half the traffic and memory of float32 gathers, and
+        # what autocast would cast to anyway), gradients reduced in float32; the shards stay float32.
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        options = {"mesh": mesh, "mp_policy": policy} if self.compute_dtype else {"mesh": mesh}
         layer_names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
         for module in list(model.modules()):
             if type(module).__name__ in layer_names:
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(module, **options)
+        fully_shard(model, **options)
         # FSDP2 picks its root at the first forward it sees. Generation calls the HF model, not this wrapper,
         # and would make the first layer a root of its own; initialise from the real root now instead.
         model._get_fsdp_state()._lazy_init()

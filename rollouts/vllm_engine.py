@@ -314,7 +314,7 @@ class VLLMEngine:
         # sent only as `model.embed_tokens.weight`, the LM head kept producing logits from the old matrix
         # (log-probs off by nats; on CPU the head keeps its own packed copy, redone only when the head's layer
         # receives a weight). Under both names the log-probs match the trainer's.
-        return weight_makers(policy)
+        return weight_makers(policy, self.engine_dtype)
 
     # ----------------------------------------------------------------------------------- memory, close
 

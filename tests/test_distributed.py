@@ -266,3 +266,66 @@ def test_a_sync_or_start_up_failing_on_one_rank_stops_every_rank_without_a_hang(
         "start-up": "RuntimeError: vLLM is not installed",
     }[scenario]
     assert got[1].startswith(expected), got[1]
+
+
+def _mixed_precision_rank(rank: int, port: int, results) -> None:
+    """One rank of `test_fsdp_gathers_in_the_compute_dtype_and_keeps_float32_shards_and_gradients`."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    from torch.distributed.tensor import DTensor
+
+    from rl.distributed import Distributed
+    from rl.logprobs import CompletionLogprobs, pack
+    from rl.weights import weight_makers
+    from tests.conftest import build_model
+
+    dist = Distributed(torch.device("cpu"), sharding="fsdp")
+    dist.compute_dtype = torch.bfloat16
+    model = build_model(300, initializer_range=0.1)
+    whole = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    trainer = dist.wrap(CompletionLogprobs(model))
+    seen = set()
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: seen.add(module.weight.dtype)
+    )
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], pad_id=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs, _ = trainer(batch)
+    logprobs.sum().backward()
+    grads = {p.grad.dtype for p in model.parameters() if p.grad is not None}
+    shards = {type(p).__name__ for p in model.parameters()} | {p.dtype for p in model.parameters()}
+    synced = dict((name, make()) for name, make in weight_makers(model, torch.bfloat16))
+    same = all(torch.equal(synced[n], whole[n].to(torch.bfloat16)) for n in whole)
+    sharded = all(isinstance(p, DTensor) for p in model.parameters())
+    results.put(
+        (rank, seen, grads, shards, {t.dtype for t in synced.values()}, same and sharded, logprobs.tolist())
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_gathers_in_the_compute_dtype_and_keeps_float32_shards_and_gradients():
+    import torch.multiprocessing as mp
+
+    from rl.logprobs import completion_logprobs, pack
+    from tests.conftest import build_model
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_mixed_precision_rank, args=(r, 29740, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        got = [results.get(timeout=120) for _ in ranks]
+    finally:
+        for p in ranks:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    model = build_model(300, initializer_range=0.1)  # one process, autocast over float32 weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, _ = completion_logprobs(model, pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], 0))
+    for _, seen, grads, shards, synced, same, logprobs in got:
+        assert seen == {torch.bfloat16}  # the layer ran on weights gathered in bf16
+        assert grads == {torch.float32} and shards == {"DTensor", torch.float32}  # float32 shards and grads
+        assert synced == {torch.bfloat16} and same  # the sync gathers bf16: the float32 weights, rounded
+        torch.testing.assert_close(torch.tensor(logprobs), reference.detach(), atol=2e-2, rtol=0)  # bf16 both
