@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--best", action="store_true", help="highest reward first")
     order.add_argument("--worst", action="store_true", help="lowest reward first")
     p.set_defaults(func=cmd_samples)
+    add_eval_parser(sub)
+    return parser
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`aha eval`'s flags; each maps to a field of rl.evaluate.EvalOptions or rl.suite.SuiteOptions."""
     p = sub.add_parser(
         "eval",
         help="pass@1, pass@k and maj@k of a model on a dataset, a run's held-out set or a benchmark suite",
@@ -276,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="JSON path (default: RUN/eval/DATA-SPLIT.json, else ./eval-MODEL-DATA-SPLIT.json)"
     )
     p.set_defaults(func=cmd_eval)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
