@@ -95,8 +95,11 @@ class TransformersEngineConfig:
 class VLLMEngineConfig:
     gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take (weights + KV cache) when colocated with the trainer."""
-    sleep_level: Literal[0, 1, 2] = 1
-    """Sleep mode during the update: 0 off, 1 release the KV cache, 2 release the KV cache and the weights."""
+    sleep_level: Literal[0, 1, 2] = 2
+    """vLLM's sleep mode during the update: 0 keeps its memory; 1 copies its weights to pinned CPU memory and
+    drops the KV cache (the weights come back from the CPU at wake, 2 bytes a parameter of pinned host memory
+    per rank); 2 drops both, and the next weight sync refills the weights (TRL's colocate mode). The sync
+    overwrites the weights anyway, so level 1 only adds two copies per step. Ignored on CPU (no sleep mode)."""
     max_model_len: int | None = None
     """Context length of the engine (null: data.max_prompt_tokens + rollout.max_new_tokens)."""
     enforce_eager: bool = False

@@ -14,8 +14,8 @@ What each call returns matches the transformers engine (`rollouts.hf_engine`):
   string, and `text` is the decode of `token_ids` (so text and tokens always agree);
 - an EOS token that ended a completion is the last of its `token_ids`.
 
-On a GPU, `sleep()`/`wake()` use vLLM's sleep mode (level 1: weights offloaded to CPU and KV cache dropped;
-level 2: both dropped, the weights come back with the next `update_weights`). On CPU vLLM has no sleep mode
+On a GPU, `sleep()`/`wake()` use vLLM's sleep mode (level 2, the default: weights and KV cache dropped, the
+weights come back with the next `update_weights`; level 1: weights copied to pinned CPU memory and back). On CPU vLLM has no sleep mode
 and they do nothing. Any failure inside vLLM raises `EngineError` with vLLM's message; after one, the engine
 refuses further calls instead of hanging (vLLM's in-process engine does not recover from a failed step).
 """
