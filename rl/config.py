@@ -106,9 +106,10 @@ class VLLMEngineConfig:
     """Disable CUDA graphs / torch.compile in vLLM (faster start, slower decoding)."""
     cpu_kv_cache_gib: int = 2
     """KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE)."""
-    max_num_seqs: int = 256
-    """Most sequences vLLM decodes at once. Its default on large GPUs (1024) makes its memory profiler reserve
-    activations for a batch a colocated RL step rarely runs, which shrinks the KV cache."""
+    max_num_seqs: int | None = None
+    """Most sequences vLLM decodes at once; null: the sequences of one sampling call on this rank
+    (train.prompts_per_step / ranks x rollout.group_size), so a step decodes in one wave. Either way the engine
+    caps it at the full-length sequences its KV cache holds (the start-up line says how many)."""
     max_num_batched_tokens: int = 4096
     """Most tokens in one vLLM forward (prefill chunks included; TRL's colocate mode uses 4096). Larger
     prefills faster but takes memory from the KV cache at a low gpu_memory_utilization; the start-up line

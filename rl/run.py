@@ -249,6 +249,8 @@ def _build_engine(
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
+    if options.get("max_num_seqs", 0) is None:  # vLLM: a step's sequences on this rank, in one wave
+        options["max_num_seqs"] = config.train.prompts_per_step // dist.world * config.rollout.group_size
     if not config.rollout.max_staleness:
         return build_engine(
             config.rollout.engine, policy=policy, tokenizer=tokenizer, model_path=str(policy_path), **options

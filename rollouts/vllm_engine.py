@@ -67,7 +67,7 @@ class VLLMEngine:
         max_model_len: int | None,
         enforce_eager: bool,
         cpu_kv_cache_gib: int,
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,
         max_num_batched_tokens: int = 4096,
         logits_dtype: str = "float32",
         **_: Any,  # other engines' options (e.g. max_batch_size), which a common caller may pass
@@ -98,15 +98,20 @@ class VLLMEngine:
             gpu_memory_utilization,
             cpu_kv_cache_gib,
         )
-        kwargs.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        # None: vLLM's 256 (evaluation, a standalone engine); the loop passes a step's sequences per rank
+        kwargs.update(max_num_seqs=max_num_seqs or 256, max_num_batched_tokens=max_num_batched_tokens)
         if logits_dtype == "float32" and dtype != "float32":
             # The LM head's logits in float32 as the trainer computes them; vLLM's own comment calls it
             # required for RL training-inference consistency. On CUDA a bf16 GEMM with a float32 output.
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
         self.llm = self._start(vllm, kwargs)
         self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
-        self.summary = _kv_cache_summary(self.llm, kwargs)
+        self.running_limit = _cap_running_sequences(self.llm, kwargs)
+        self.summary = (
+            _kv_cache_summary(self.llm, kwargs) + f", decoding at most {self.running_limit} at once"
+        )
         logger.info("%s", self.summary)
+        self.flat_logprobs = "flat_logprobs" in getattr(vllm.SamplingParams, "__struct_fields__", ())
         _quiet_reload_warnings()
         self._check_device()
         self._fused = self._fused_shards()
@@ -241,7 +246,10 @@ class VLLMEngine:
     def _sampling_params(self, params: SamplingParams, n: int, seed: int | None) -> Any:
         import vllm
 
+        # flat_logprobs (vLLM >= 0.26): the log-probs as flat lists, not a dict of Logprob objects per token
+        flat = {"flat_logprobs": True} if params.logprobs and self.flat_logprobs else {}
         return vllm.SamplingParams(
+            **flat,
             n=n,
             max_tokens=params.max_new_tokens,
             temperature=params.temperature,
@@ -261,9 +269,7 @@ class VLLMEngine:
             raise EngineError("vLLM returned no log-prob for some sampled tokens")
         return Completion(
             token_ids=ids,
-            logprobs=[float(step[tok].logprob) for step, tok in zip(out.logprobs, ids, strict=True)]
-            if with_logprobs
-            else [],
+            logprobs=_sampled_logprobs(out.logprobs, ids) if with_logprobs else [],
             finish_reason=out.finish_reason,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
         )
@@ -509,6 +515,38 @@ class _UnloadedWeights(logging.Handler):
 
     def __exit__(self, *exc: object) -> None:
         self.logger.removeHandler(self)
+
+
+def _sampled_logprobs(logprobs: Any, ids: list[int]) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's per-position output: a `FlatLogprobs` (flat lists, each
+    position's entries from start_indices[i]; with logprobs=0 the sampled token is the only one) or a list of
+    {token id: Logprob} dicts."""
+    if hasattr(logprobs, "start_indices"):
+        starts, tokens, values = logprobs.start_indices, logprobs.token_ids, logprobs.logprobs
+        if any(tokens[s] != t for s, t in zip(starts, ids, strict=True)):
+            raise EngineError("vLLM's flat log-probs do not start with the sampled tokens")
+        return [float(values[s]) for s in starts]
+    return [float(step[tok].logprob) for step, tok in zip(logprobs, ids, strict=True)]
+
+
+def _cap_running_sequences(llm: Any, kwargs: dict[str, Any]) -> int:
+    """Decode at most as many sequences at once as the KV cache holds at full length (`max_model_len`), and
+    at most `max_num_seqs`: more would only be preempted and recomputed. Sets the in-process scheduler's
+    limit (vLLM v1's `Scheduler.max_num_running_reqs`); returns the limit in force."""
+    limit = kwargs["max_num_seqs"]
+    cache = llm.llm_engine.vllm_config.cache_config
+    tokens = (getattr(cache, "num_gpu_blocks", None) or 0) * cache.block_size
+    fits = tokens // kwargs["max_model_len"] if kwargs.get("max_model_len") else 0
+    if not 0 < fits < limit:
+        return limit
+    try:
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        scheduler.max_num_running_reqs = fits
+        if hasattr(scheduler, "max_num_active_reqs"):
+            scheduler.max_num_active_reqs = min(scheduler.max_num_active_reqs, fits)
+    except AttributeError:  # another vLLM layout: it preempts instead
+        return limit
+    return fits
 
 
 def _kv_cache_summary(llm: Any, kwargs: dict[str, Any]) -> str:

@@ -309,6 +309,14 @@ def test_a_fused_weight_shard_the_sync_did_not_send_is_an_engine_error(model_dir
     engine.update_weights(load(model_dir))
 
 
+def test_the_real_vllm_has_flat_logprobs_and_the_scheduler_limit_the_engine_caps(engine):
+    # What tests/test_vllm_gpu_path.py's stand-in assumes, on the installed vLLM (0.32 CPU; 0.26 has both too)
+    _require_vllm()
+    assert engine.flat_logprobs  # the parity tests above read their log-probs from FlatLogprobs
+    scheduler = engine.llm.llm_engine.engine_core.engine_core.scheduler
+    assert scheduler.max_num_running_reqs == engine.running_limit == 256  # 1 GiB of KV holds more
+
+
 def test_a_sync_changes_generations_and_matches_an_engine_built_from_the_saved_weights(
     engine, model_dir, tok, tmp_path, live_engines
 ):

@@ -26,14 +26,27 @@ class FakeLLM:
         FakeLLM.made.append(kwargs)
         self.kwargs, self.sampled = kwargs, []
         cache = SimpleNamespace(num_gpu_blocks=100, block_size=16)
+        scheduler = SimpleNamespace(
+            max_num_running_reqs=kwargs["max_num_seqs"], max_num_active_reqs=kwargs["max_num_seqs"]
+        )
         self.llm_engine = SimpleNamespace(
             model_config=SimpleNamespace(dtype=torch.bfloat16),
             vllm_config=SimpleNamespace(cache_config=cache),
+            engine_core=SimpleNamespace(engine_core=SimpleNamespace(scheduler=scheduler)),
         )
 
     def generate(self, requests, sampling, use_tqdm=False):
         self.sampled += sampling
-        logprobs = lambda p: [{7: SimpleNamespace(logprob=-0.5)}] if p.logprobs is not None else None  # noqa: E731
+
+        def logprobs(p):
+            if p.logprobs is None:
+                return None
+            if getattr(
+                p, "flat_logprobs", False
+            ):  # vLLM's FlatLogprobs: flat lists, one entry a position here
+                return FakeFlatLogprobs(start_indices=[0], end_indices=[1], token_ids=[7], logprobs=[-0.5])
+            return [{7: SimpleNamespace(logprob=-0.5)}]
+
         return [
             SimpleNamespace(
                 outputs=[
@@ -44,13 +57,24 @@ class FakeLLM:
         ]
 
 
+class FakeFlatLogprobs(SimpleNamespace):
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+
+class FakeSamplingParams(SimpleNamespace):
+    """vLLM >= 0.26's SamplingParams (a msgspec Struct) lists flat_logprobs among its fields."""
+
+    __struct_fields__ = ("n", "max_tokens", "temperature", "logprobs", "flat_logprobs")
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
     """A `vllm` package with LLM, SamplingParams, TokensPrompt and a GPU platform."""
     FakeLLM.made = []
     vllm = types.ModuleType("vllm")
     vllm.LLM = FakeLLM
-    vllm.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    vllm.SamplingParams = FakeSamplingParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
     platforms = types.ModuleType("vllm.platforms")
@@ -77,7 +101,7 @@ def _engine(tokenizer, **overrides):
 def test_one_process_builds_one_engine_with_rl_batch_limits_and_float32_logits(fake_vllm, tokenizer):
     engine = _engine(tokenizer)
     (kwargs,) = FakeLLM.made
-    assert kwargs["max_num_seqs"] == 256 and kwargs["max_num_batched_tokens"] == 4096
+    assert kwargs["max_num_seqs"] == 256 and kwargs["max_num_batched_tokens"] == 4096  # no loop: vLLM's 256
     assert kwargs["hf_overrides"] == {"head_dtype": "float32"}  # the trainer's logits are float32
     assert "distributed_executor_backend" not in kwargs and kwargs["seed"] == 3
     assert kwargs["enable_sleep_mode"] and kwargs["gpu_memory_utilization"] == 0.3
@@ -133,3 +157,43 @@ def test_log_probs_are_asked_of_vllm_only_when_used(fake_vllm, tokenizer):
     asked = [p.logprobs for p in engine.llm.sampled[-2:]]
     assert asked == [0, None]
     assert with_lp[0][0].logprobs == [-0.5] and without[0][0].logprobs == []
+
+
+def test_max_num_seqs_defaults_to_a_steps_sequences_per_rank_capped_by_the_kv_cache(fake_vllm, tokenizer):
+    from rl.config import load_config
+    from rl.distributed import Distributed
+    from rl.run import _build_engine
+
+    config = load_config(None, ["rollout.engine=vllm", "train.prompts_per_step=64", "rollout.group_size=8"])
+    engine = _build_engine(config, torch.nn.Linear(1, 1), tokenizer, "m", Distributed(torch.device("cpu")))
+    assert FakeLLM.made[-1]["max_num_seqs"] == 512  # one wave for the step's 64 x 8 sequences
+    # 100 blocks x 16 tokens hold 1600 / 64 = 25 full-length sequences: the scheduler runs at most 25
+    engine = _engine(tokenizer, max_num_seqs=512)
+    assert (
+        engine.running_limit == 25
+        and engine.llm.llm_engine.engine_core.engine_core.scheduler.max_num_running_reqs == 25
+    )
+    assert engine.summary.endswith("decoding at most 25 at once")
+    engine = _engine(tokenizer, max_num_seqs=16, context_len=32)  # fewer than fit: as asked
+    assert engine.running_limit == 16
+
+
+def test_log_probs_come_flat_where_vllm_has_flat_logprobs(fake_vllm, tokenizer, monkeypatch):
+    engine = _engine(tokenizer)
+    got = engine.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=1, seed=0))
+    assert engine.llm.sampled[-1].flat_logprobs is True and got[0][0].logprobs == [-0.5]
+    without = engine.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=1, seed=0, logprobs=False))
+    assert not hasattr(engine.llm.sampled[-1], "flat_logprobs") and without[0][0].logprobs == []
+    monkeypatch.setattr(FakeSamplingParams, "__struct_fields__", ("n", "logprobs"))  # a vLLM before 0.26
+    older = _engine(tokenizer)
+    got = older.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=1, seed=0))
+    assert not hasattr(older.llm.sampled[-1], "flat_logprobs") and got[0][0].logprobs == [-0.5]
+
+
+def test_the_default_sleep_level_drops_the_weights_as_trls_colocate_mode_does(fake_vllm, tokenizer):
+    from rl.config import load_config
+
+    vllm = load_config(None, ["rollout.engine=vllm"]).rollout.vllm
+    assert vllm.sleep_level == 2 and vllm.max_num_seqs is None
+    engine = _engine(tokenizer, sleep_level=vllm.sleep_level)
+    assert FakeLLM.made[-1]["enable_sleep_mode"] and engine.sleep_level == 2
