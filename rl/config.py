@@ -110,6 +110,10 @@ class VLLMEngineConfig:
     """Most sequences vLLM decodes at once; null: the sequences of one sampling call on this rank
     (train.prompts_per_step / ranks x rollout.group_size), so a step decodes in one wave. Either way the engine
     caps it at the full-length sequences its KV cache holds (the start-up line says how many)."""
+    process_device: str | None = None
+    """With rollout.max_staleness >= 1 on a GPU, the engine process's GPU (`cuda:N`). null: the next visible GPU
+    after the trainer's (an error when there is none); the trainer's own GPU only when the memory plan fits with
+    the engine awake through the update (rl/gpu_memory.py), since an engine sampling ahead never sleeps."""
     max_num_batched_tokens: int = 4096
     """Most tokens in one vLLM forward (prefill chunks included; TRL's colocate mode uses 4096). Larger
     prefills faster but takes memory from the KV cache at a low gpu_memory_utilization; the start-up line

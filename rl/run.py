@@ -258,11 +258,21 @@ def _build_engine(
     if dist.enabled:
         raise AhaError("rollout.max_staleness >= 1 (asynchronous rollouts) runs in one process for now")
     from rl.weights import merged_weights
-    from rollouts.process_engine import ProcessEngine
+    from rollouts.process_engine import ProcessEngine, engine_device
 
+    lora = bool(config.model.lora.r)
+    plan = dict(
+        dtype=config.model.dtype,
+        reference=bool(config.algorithm.kl_coef) and not lora,
+        lora=lora,
+        vllm_utilization=config.rollout.vllm.gpu_memory_utilization,
+        compute_dtype=config.model.compute_dtype,
+    )
+    setting = config.rollout.vllm.process_device if config.rollout.engine == "vllm" else None
+    device = engine_device(next(policy.parameters()).device, setting, policy, plan)
     return ProcessEngine(
         config.rollout.engine, policy, str(policy_path), merged_weights(policy), config.rollout.engine_threads,
-        config.model.compute_dtype, options,
+        config.model.compute_dtype, options, device,
     )  # fmt: skip
 
 

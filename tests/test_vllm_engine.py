@@ -317,6 +317,33 @@ def test_the_real_vllm_has_flat_logprobs_and_the_scheduler_limit_the_engine_caps
     assert scheduler.max_num_running_reqs == engine.running_limit == 256  # 1 GiB of KV holds more
 
 
+def test_an_engine_process_shares_the_weights_in_its_dtype_and_samples_each_published_version(model_dir, tok):
+    # rollout.max_staleness >= 1 with vLLM: a bf16 engine in its own process. The shared copy is bf16 in host
+    # shared memory (half the policy's float32), the child builds no model: each published version goes from
+    # the shared copy into vLLM, and its samples' log-probs are the new policy's (within bf16 sampling).
+    _require_vllm()
+    from rl.weights import merged_weights
+    from rollouts.process_engine import ProcessEngine
+
+    policy = load(model_dir)
+    options = dict(dtype="bfloat16", context_len=256, seed=0, gpu_memory_utilization=0.3, sleep_level=2,
+                   max_model_len=None, enforce_eager=True, cpu_kv_cache_gib=1)  # fmt: skip
+    engine = ProcessEngine("vllm", policy, str(model_dir), merged_weights(policy), 1, None, options, "cpu")
+    try:
+        assert {t.dtype for t in engine.shared.values()} == {torch.bfloat16}
+        assert all(t.is_shared() for t in engine.shared.values())
+        prompts, params = _prompt_ids(tok), SamplingParams(n=4, max_new_tokens=24, temperature=1.0, seed=3)
+        before = engine.generate(prompts, params)
+        new = perturb(load(model_dir), 0.3, seed=1)
+        engine.update_weights(new)
+        after = engine.generate(prompts, params)
+        assert [c.token_ids for g in after for c in g] != [c.token_ids for g in before for c in g]
+        _, mean = _max_and_mean_diff(after, _trainer_logprobs(new, prompts, after, 1.0, tok.pad_token_id))
+        assert mean < 0.15  # bf16 engine against the float32 trainer, as in the in-process bf16 test
+    finally:
+        engine.close()
+
+
 def test_a_sync_changes_generations_and_matches_an_engine_built_from_the_saved_weights(
     engine, model_dir, tok, tmp_path, live_engines
 ):

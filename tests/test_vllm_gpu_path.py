@@ -197,3 +197,68 @@ def test_the_default_sleep_level_drops_the_weights_as_trls_colocate_mode_does(fa
     assert vllm.sleep_level == 2 and vllm.max_num_seqs is None
     engine = _engine(tokenizer, sleep_level=vllm.sleep_level)
     assert FakeLLM.made[-1]["enable_sleep_mode"] and engine.sleep_level == 2
+
+
+# ---------------------------------------------------------------- the asynchronous engine process on a GPU
+
+
+def _meta_policy(params: int) -> torch.nn.Module:
+    """A policy of `params` parameters that allocates nothing (meta tensors): for the memory plan."""
+    policy = torch.nn.Module()
+    policy.weight = torch.nn.Parameter(torch.empty(params, device="meta"))
+    return policy
+
+
+def test_the_engine_process_gets_the_next_gpu_or_a_clear_error(monkeypatch):
+    from rl.errors import AhaError
+    from rollouts.process_engine import engine_device
+
+    plan = dict(dtype="float32", reference=True, lora=False, vllm_utilization=0.3, compute_dtype="bfloat16")
+    policy = _meta_policy(494_032_768)  # Qwen2.5-0.5B
+    assert engine_device(torch.device("cpu"), None, policy, plan) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert engine_device(torch.device("cuda:0"), None, policy, plan) == "cuda:1"
+    with pytest.raises(AhaError, match="trainer is on cuda:1 and no later GPU is visible"):
+        engine_device(torch.device("cuda:1"), None, policy, plan)
+    with pytest.raises(AhaError, match="expected cuda:N with N < 2"):
+        engine_device(torch.device("cuda:0"), "cuda:2", policy, plan)
+
+
+def test_a_colocated_engine_process_is_refused_when_the_memory_plan_does_not_fit(monkeypatch):
+    from rl.errors import AhaError
+    from rollouts.process_engine import engine_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=79.6 * 2**30)
+    )
+    plan = dict(dtype="float32", reference=True, lora=False, vllm_utilization=0.3, compute_dtype="bfloat16")
+    # 0.5B: the update (~8 GiB) beside an awake vLLM (23.9 GiB) fits an 80 GB GPU
+    assert engine_device(torch.device("cuda:0"), "cuda:0", _meta_policy(494_032_768), plan) == "cuda:0"
+    # 3B: the update's 58 GiB with vLLM's 23.9 awake does not: refused, with the arithmetic
+    with pytest.raises(AhaError, match=r"never asleep.*do not: weights 11.5"):
+        engine_device(torch.device("cuda:0"), "cuda:0", _meta_policy(3_085_938_688), plan)
+
+
+def test_the_engine_process_sees_its_own_gpu_in_the_parents_numbering(monkeypatch):
+    from rollouts.process_engine import _physical_gpu
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _physical_gpu(1) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert _physical_gpu(1) == "5"
+
+
+def test_publish_synchronises_the_gpu_before_the_engine_loads(monkeypatch):
+    from rollouts.process_engine import ProcessEngine
+
+    events = []
+    engine = ProcessEngine.__new__(ProcessEngine)
+    engine.shared = {"w": torch.zeros(3, dtype=torch.bfloat16)}
+    engine.version, engine._unacked = 0, 0
+    monkeypatch.setattr(engine, "_send", lambda message: events.append(message[0]), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+    engine.publish(iter([("w", torch.ones(3))]), 1)
+    assert events == ["synchronize", "load"]  # the copies have landed before the engine reads them
+    assert engine.shared["w"].dtype == torch.bfloat16 and engine.shared["w"].tolist() == [1, 1, 1]
