@@ -110,6 +110,11 @@ class VLLMEngineConfig:
     """Most sequences vLLM decodes at once; null: the sequences of one sampling call on this rank
     (train.prompts_per_step / ranks x rollout.group_size), so a step decodes in one wave. Either way the engine
     caps it at the full-length sequences its KV cache holds (the start-up line says how many)."""
+    lora_sync: Literal["adapter", "merged"] = "adapter"
+    """How a LoRA policy (model.lora.r > 0) reaches vLLM: `adapter` sends the adapter alone and vLLM applies it
+    (its LoRA support, LoRARequest): updates smaller than bf16's rounding step of W are not lost (TRL #5975,
+    verl #3516); `merged` sends W + BA, cast to the engine's dtype (also the fallback for a model vLLM cannot
+    apply LoRA to, and for FSDP-sharded policies)."""
     process_device: str | None = None
     """With rollout.max_staleness >= 1 on a GPU, the engine process's GPU (`cuda:N`). null: the next visible GPU
     after the trainer's (an error when there is none); the trainer's own GPU only when the memory plan fits with

@@ -249,6 +249,8 @@ def _build_engine(
         seed=config.train.seed,
         **dataclasses.asdict(getattr(config.rollout, config.rollout.engine)),
     )
+    if config.rollout.engine == "vllm":
+        options["lora_rank"] = config.model.lora.r  # rollout.vllm.lora_sync: the adapter alone, or merged
     if options.get("max_num_seqs", 0) is None:  # vLLM: a step's sequences on this rank, in one wave
         options["max_num_seqs"] = config.train.prompts_per_step // dist.world * config.rollout.group_size
     if not config.rollout.max_staleness:

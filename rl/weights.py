@@ -40,20 +40,21 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 
 def weight_makers(
-    policy: torch.nn.Module, dtype: torch.dtype | None = None
+    policy: torch.nn.Module, dtype: torch.dtype | None = None, merge: bool = True
 ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """`merged_weights` as (name, function that makes the tensor) pairs: listing the names runs no collective,
     each call gathers (FSDP2) and merges (LoRA) one tensor. A rank whose sync failed half-way calls the rest,
     each with its errors caught, so that the other ranks' gathers complete (`rollouts.vllm_engine`).
     `dtype`: the consumer's dtype; a sharded weight without adapters is cast before its gather (a bf16
-    engine's sync moves half the bytes of a float32 gather)."""
+    engine's sync moves half the bytes of a float32 gather). `merge=False`: a LoRA policy's base weights alone
+    (an engine that applies the adapter itself)."""
     is_peft = hasattr(policy, "peft_config")
     adapted = _adapted_layers(policy) if is_peft else {}
     for name, tensor in policy.state_dict().items():
         if is_peft and "lora_" in name:
             continue
         base = name.removeprefix("base_model.model.").replace(".base_layer.", ".") if is_peft else name
-        yield base, functools.partial(_whole, tensor, adapted.get(name), dtype)
+        yield base, functools.partial(_whole, tensor, adapted.get(name) if merge else None, dtype)
 
 
 def _whole(

@@ -28,6 +28,7 @@ import gc
 import logging
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,6 +71,8 @@ class VLLMEngine:
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int = 4096,
         logits_dtype: str = "float32",
+        lora_rank: int = 0,
+        lora_sync: str = "adapter",
         **_: Any,  # other engines' options (e.g. max_batch_size), which a common caller may pass
     ) -> None:
         vllm = _import_vllm()
@@ -100,11 +103,27 @@ class VLLMEngine:
         )
         # None: vLLM's 256 (evaluation, a standalone engine); the loop passes a step's sequences per rank
         kwargs.update(max_num_seqs=max_num_seqs or 256, max_num_batched_tokens=max_num_batched_tokens)
+        # A LoRA policy's adapter alone, applied by vLLM (its LoRA support): merged into bf16 weights, updates
+        # smaller than bf16's rounding step of W would never reach the engine (TRL #5975, verl #3516).
+        self._lora: Any = None  # the LoRARequest of the adapter in use
+        self._lora_dirs: list[str] = []
+        self.lora_adapter = bool(lora_rank) and lora_sync == "adapter"
+        if self.lora_adapter:
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank), max_loras=1)
         if logits_dtype == "float32" and dtype != "float32":
             # The LM head's logits in float32 as the trainer computes them; vLLM's own comment calls it
             # required for RL training-inference consistency. On CUDA a bf16 GEMM with a float32 output.
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
-        self.llm = self._start(vllm, kwargs)
+        try:
+            self.llm = self._start(vllm, kwargs)
+        except EngineError as err:
+            if not self.lora_adapter or "lora" not in str(err).lower():
+                raise
+            logger.warning("vLLM cannot apply LoRA adapters to this model (%s): syncing merged weights", err)
+            self.lora_adapter = False
+            for key in ("enable_lora", "max_lora_rank", "max_loras"):
+                kwargs.pop(key)
+            self.llm = self._start(vllm, kwargs)
         self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
         self.running_limit = _cap_running_sequences(self.llm, kwargs)
         self.summary = (
@@ -229,8 +248,9 @@ class VLLMEngine:
         sampling = [
             self._sampling_params(params, n, _prompt_seed(params.seed, i)) for i in range(len(requests))
         ]
+        lora = {"lora_request": self._lora} if self._lora is not None else {}
         try:
-            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False, **lora)
             flat = [
                 self._completion(c, params.logprobs)
                 for out in outputs
@@ -286,7 +306,17 @@ class VLLMEngine:
         self._check_usable(sampling=False)  # new weights are what a level-2 sleep is waiting for
         if has_sharded_parameters(policy):
             vote_before_collectives()
-        sent = _WeightStream(self._weights(policy), self.engine_dtype)
+        adapter = self.lora_adapter and hasattr(policy, "peft_config") and not has_sharded_parameters(policy)
+        if adapter and not self._weights_discarded:  # vLLM's base weights are still the (frozen) policy's
+            try:
+                self._load_adapter(policy)
+                self._wake_kv_cache()
+            except Exception as err:
+                self._failure = _describe(err)
+                raise EngineError(f"vLLM could not load the new adapter: {self._failure}") from err
+            return
+        makers = weight_makers(policy, self.engine_dtype, merge=False) if adapter else self._weights(policy)
+        sent = _WeightStream(makers, self.engine_dtype)
         try:
             with _UnloadedWeights() as unloaded:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": sent})
@@ -297,12 +327,9 @@ class VLLMEngine:
                     "hold garbage (a fused q/k/v or gate/up shard always; a whole weight after a level-2 "
                     "sleep); the policy's state_dict names must cover every weight of the engine's model"
                 )
-            if self._kv_asleep:
-                if torch.cuda.is_available():  # the sync's temporaries would stay cached beside the KV cache
-                    torch.cuda.empty_cache()
-                self.llm.wake_up(tags=["kv_cache"])
-                self._kv_asleep = False
-            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+            if adapter:  # the base came back (level-2 sleep): the adapter goes on top
+                self._load_adapter(policy)
+            self._wake_kv_cache()
         except Exception as err:
             sent.drain()  # the other ranks' gathers (FSDP full_tensor) go on: join them all, then fail
             self._failure = str(err) if isinstance(err, EngineError) else _describe(err)
@@ -311,6 +338,33 @@ class VLLMEngine:
                 "reload_weights(weights_iterator=...) (tested: 0.26 on CUDA, 0.32 on CPU)"
             ) from err
         self._weights_discarded = False
+
+    def _wake_kv_cache(self) -> None:
+        if self._kv_asleep:
+            if torch.cuda.is_available():  # the sync's temporaries would stay cached beside the KV cache
+                torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_asleep = False
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    def _load_adapter(self, policy: torch.nn.Module) -> None:
+        """The policy's current adapter as a new LoRARequest (vLLM caches adapters by id), written to memory
+        (/dev/shm where there is one: a few MB) in PEFT's format; the previous one is removed."""
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        directory = tempfile.mkdtemp(prefix="aha-lora-", dir=shm)
+        policy.save_pretrained(directory)
+        previous, number = self._lora, (self._lora.lora_int_id + 1 if self._lora is not None else 1)
+        self._lora = LoRARequest(f"policy-{number}", number, directory)
+        self.llm.llm_engine.add_lora(self._lora)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        for old in self._lora_dirs:
+            shutil.rmtree(old, ignore_errors=True)
+        self._lora_dirs = [directory]
 
     def _weights(self, policy: torch.nn.Module) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         # `weight_makers` names tensors like the base HF checkpoint (LoRA deltas merged out of place). They are
@@ -359,6 +413,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the engine (its memory and, on GPU, the CUDA allocations)."""
+        for directory in self.__dict__.get("_lora_dirs", []):
+            shutil.rmtree(directory, ignore_errors=True)
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
@@ -423,6 +479,11 @@ def _request_amx_permission() -> None:
     sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata)
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts (its max_lora_rank choices) that holds `rank`."""
+    return next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
 
 
 def _prompt_seed(seed: int | None, index: int) -> int | None:

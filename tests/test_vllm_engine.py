@@ -239,6 +239,56 @@ def test_a_lora_policy_syncs_as_merged_weights(engine, model_dir, tok):
     assert base_mean > 1000 * FP32_TOLERANCE, base_mean
 
 
+def test_a_lora_policy_syncs_its_adapter_alone_through_vllms_lora_support(
+    model_dir, tok, live_engines, monkeypatch
+):
+    # rollout.vllm.lora_sync=adapter: vLLM keeps the base weights and applies the adapter itself (LoRARequest),
+    # so an update smaller than bf16's rounding step of W still reaches it. After each sync the engine's
+    # log-probs are the trainer's with the adapter applied; the base weights are never re-sent.
+    _require_vllm()
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    policy = get_peft_model(load(model_dir), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    eng = make_engine(model_dir, policy, tok, lora_rank=8)
+    live_engines.append(eng)
+    assert eng.lora_adapter
+    prompts, params = _prompt_ids(tok), SamplingParams(n=4, max_new_tokens=24, temperature=1.0, seed=5)
+    generator = torch.Generator().manual_seed(0)
+    reloads, real = [], eng.llm.collective_rpc
+    eng.llm.collective_rpc = lambda *a, **k: reloads.append(a) or real(*a, **k)
+    for version in (1, 2):
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+        eng.update_weights(policy)
+        assert reloads == [] and eng._lora.lora_int_id == version  # the adapter alone, a new one each time
+        groups = eng.generate(prompts, params)
+        worst, mean = _max_and_mean_diff(
+            groups, _trainer_logprobs(policy, prompts, groups, 1.0, tok.pad_token_id)
+        )
+        assert worst < 1e-4, (version, worst, mean)
+    # After a level-2 sleep (stubbed: CPU vLLM has none) the base weights were dropped: they go back unmerged,
+    # then the adapter on top
+    monkeypatch.setattr(eng, "sleep_level", 2)
+    monkeypatch.setattr(eng.llm, "sleep", lambda level: None)
+    monkeypatch.setattr(eng.llm, "wake_up", lambda tags=None: None)
+    eng.sleep()
+    eng.wake()
+    eng.update_weights(policy)
+    assert [a[0] for a in reloads] == ["reload_weights"] and eng._lora.lora_int_id == 3
+    groups = eng.generate(prompts, params)
+    worst, _ = _max_and_mean_diff(groups, _trainer_logprobs(policy, prompts, groups, 1.0, tok.pad_token_id))
+    assert worst < 1e-4
+    with torch.no_grad():
+        merged = policy.merge_and_unload()  # the adapter does change what the engine samples
+    base = load(model_dir)
+    assert any(
+        (a - b).abs().max() > 1e-3 for a, b in zip(merged.parameters(), base.parameters(), strict=True)
+    )
+
+
 def test_a_bfloat16_engine_takes_float32_weights_and_stays_close_to_the_trainer(model_dir, tok, live_engines):
     _require_vllm()
     eng = make_engine(model_dir, load(model_dir), tok, dtype="bfloat16")

@@ -262,3 +262,29 @@ def test_publish_synchronises_the_gpu_before_the_engine_loads(monkeypatch):
     engine.publish(iter([("w", torch.ones(3))]), 1)
     assert events == ["synchronize", "load"]  # the copies have landed before the engine reads them
     assert engine.shared["w"].dtype == torch.bfloat16 and engine.shared["w"].tolist() == [1, 1, 1]
+
+
+def test_a_lora_run_asks_vllm_for_lora_and_falls_back_to_merged_weights(fake_vllm, tokenizer, monkeypatch):
+    from rl.config import load_config
+    from rl.distributed import Distributed
+    from rl.run import _build_engine
+
+    def built(*overrides: str):
+        config = load_config(None, ["rollout.engine=vllm", *overrides])
+        return _build_engine(config, torch.nn.Linear(1, 1), tokenizer, "m", Distributed(torch.device("cpu")))
+
+    engine = built("model.lora.r=12")
+    assert engine.lora_adapter and FakeLLM.made[-1]["enable_lora"] and FakeLLM.made[-1]["max_lora_rank"] == 16
+    engine = built("model.lora.r=12", "rollout.vllm.lora_sync=merged")
+    assert not engine.lora_adapter and "enable_lora" not in FakeLLM.made[-1]
+    engine = built()  # no LoRA
+    assert not engine.lora_adapter and "enable_lora" not in FakeLLM.made[-1]
+
+    def no_lora(**kwargs):  # a model vLLM cannot apply LoRA to
+        if kwargs.get("enable_lora"):
+            raise ValueError("Qwen2ForCausalLM does not support LoRA yet.")
+        return FakeLLM(**kwargs)
+
+    monkeypatch.setattr(fake_vllm, "LLM", no_lora)
+    engine = built("model.lora.r=8")
+    assert not engine.lora_adapter and "enable_lora" not in FakeLLM.made[-1]  # merged weights, as before
