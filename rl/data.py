@@ -23,12 +23,15 @@ from rl.tiny import arithmetic, tools_task
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from rl.config import Config
+
 __all__ = [
     "LOCAL_FORMATS",
     "PromptSampler",
     "PromptSet",
     "check_column",
     "load_rows",
+    "train_and_held_out",
 ]
 
 
@@ -223,3 +226,19 @@ class PromptSet:
             )
         columns = sorted(k for k in fields if k != data.prompt_key)
         return cls(rows, texts, ids, columns, skipped, data.template, data.prompt_key, tokenizer, tools)
+
+
+def train_and_held_out(
+    config: Config, tokenizer: PreTrainedTokenizerBase, tools: list | None = None
+) -> tuple[PromptSet, PromptSet | None]:
+    """A run's training prompts, and its held-out ones (none of which is a training prompt; None when
+    eval.size=0), as the run builds them and `aha eval RUN_DIR` rebuilds them. `tools`: rendered into each
+    prompt by a chat template (rl/rollout.py `prompt_tools`)."""
+    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed, tools=tools)
+    eval_set = None
+    if config.eval.size:
+        eval_set = PromptSet.load(
+            config.data, tokenizer, source=config.eval.source or config.data.source, split=config.eval.split,
+            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size, tools=tools,
+        )  # fmt: skip
+    return train_set, eval_set

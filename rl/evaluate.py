@@ -359,15 +359,11 @@ def run_held_out(run_config: dict, tokenizer: Any, template: str, limit: int | N
 
 
 def train_and_held_out(config: Config, tokenizer: Any) -> tuple[Any, Any]:
-    """The training prompts, and the held-out ones (none of which is a training prompt; None: eval.size=0)."""
-    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed)
-    eval_set = None
-    if config.eval.size:
-        eval_set = PromptSet.load(
-            config.data, tokenizer, source=config.eval.source or config.data.source, split=config.eval.split,
-            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size,
-        )  # fmt: skip
-    return train_set, eval_set
+    """The run's training and held-out prompts, as the run built them (rl/data.py `train_and_held_out`)."""
+    from rl.data import train_and_held_out as load
+    from rl.rollout import prompt_tools
+
+    return load(config, tokenizer, prompt_tools(config))
 
 
 def score_problems(sampled: Any, reward: str, tools: bool = False) -> tuple[dict[str, float], list[dict]]:

@@ -21,7 +21,7 @@ import torch
 from rewards import RewardScorer, RewardSpec
 from rl.checkpoint import load_training_state, replaced_atomically, save_checkpoint
 from rl.config import Config, config_yaml, to_dict
-from rl.data import PromptSampler, PromptSet
+from rl.data import PromptSampler, PromptSet, train_and_held_out
 from rl.distributed import Distributed
 from rl.errors import AhaError
 from rl.evaluate import before_after
@@ -227,16 +227,9 @@ def _load_models(
 
 
 def _load_data(config: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
-    """The training prompts, and the held-out ones (none of which is a training prompt)."""
-    tools = prompt_tools(config)  # what a chat template renders into each prompt for the model to call
-    train_set = PromptSet.load(config.data, tokenizer, seed=config.train.seed, tools=tools)
-    eval_set = None
-    if config.eval.size:
-        eval_set = PromptSet.load(
-            config.data, tokenizer, source=config.eval.source or config.data.source, split=config.eval.split,
-            seed=config.train.seed, exclude=set(train_set.texts), size=config.eval.size, tools=tools,
-        )  # fmt: skip
-    return train_set, eval_set
+    """The training prompts, and the held-out ones (none of which is a training prompt), with the tools a chat
+    template renders into each prompt for the model to call."""
+    return train_and_held_out(config, tokenizer, prompt_tools(config))
 
 
 def _build_engine(

@@ -7,6 +7,9 @@
                    batches: after update s the trainer publishes version s and submits the batch of step
                    s+k+1. The schedule of versions is fixed by the step numbers alone, so a run is
                    reproducible and a resume exact: a checkpoint holds the batches still in flight.
+                   Each batch is collected and scored by a worker thread as soon as the engine returns it,
+                   beside generation and the trainer's update: a slow reward (an HTTP judge) is off the
+                   trainer's path unless it takes longer than a step.
 Version v is the policy after v updates; a batch trained at step s with version v has staleness s-1-v <= k.
 The update corrects for it with the engine's own log-probs of the sampled tokens as the behaviour policy
 (rl/update.py), the same ratio the mismatch knobs act on (docs/async.md).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -64,10 +68,11 @@ class OnPolicy:
 
 @dataclasses.dataclass
 class _Sampled:
-    """A batch's first round, collected from the engine and not yet scored."""
+    """A batch's first round, collected from the engine (and scored, once `scores` is set)."""
 
     groups: Groups
     wait_s: float
+    scores: Rollout | None = None
 
 
 class Ahead:
@@ -81,49 +86,66 @@ class Ahead:
         self.k = config.rollout.max_staleness
         self.pending: dict[int, tuple[list[int], int]] = {}  # step -> (rows, request)
         self.collected = {s["step"]: _restore(s, source.prompts) for s in saved}
+        # One worker collects and scores each batch as the engine returns it (the math reward's processes live
+        # as long as the thread that started them: one long-lived worker); the engine is thread-safe.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aha-collect")
+        self.ready: dict[int, Future[_Sampled]] = {}
         engine.label(start_step - 1)  # the weights it was built from: the policy after start_step - 1 updates
         self._fill(start_step + self.k)
 
     def _fill(self, up_to: int) -> None:
-        """Submit the batches of every step up to `up_to` (and the run's last) not yet submitted."""
-        last = max([0, *self.pending, *self.collected])
+        """Submit the batches of every step up to `up_to` (and the run's last) not yet submitted, and have the
+        worker collect and score each."""
+        last = max([0, *self.pending, *self.collected, *self.ready])
         for step in range(last + 1, min(up_to, self.config.train.steps) + 1):
             rows = self.source.order.next_batch(self.config.train.prompts_per_step)
             params = dataclasses.replace(self.params, seed=round_seed(self.config.train.seed, step, 0))
-            self.pending[step] = (
-                rows,
-                self.engine.submit([self.source.prompts.ids[r] for r in rows], params),
-            )
+            request = self.engine.submit([self.source.prompts.ids[r] for r in rows], params)
+            self.pending[step] = (rows, request)
+            self.ready[step] = self.worker.submit(self._collect_and_score, step, rows, request)
 
-    def _collect(self, step: int) -> _Sampled:
-        if step not in self.collected:
-            rows, request = self.pending.pop(step)
-            start = time.perf_counter()
-            version, sampled = self.engine.collect(request)
-            groups = [
-                [trajectory(self.source.prompts, row, c, version) for c in group]
-                for row, group in zip(rows, sampled, strict=True)
-            ]
-            self.collected[step] = _Sampled(groups, time.perf_counter() - start)
-        return self.collected.pop(step)
+    def _collect_and_score(self, step: int, rows: list[int], request: int) -> _Sampled:
+        start = time.perf_counter()
+        version, sampled = self.engine.collect(request)
+        groups = [
+            [trajectory(self.source.prompts, row, c, version) for c in group]
+            for row, group in zip(rows, sampled, strict=True)
+        ]
+        got = _Sampled(groups, time.perf_counter() - start)
+        got.scores = self._score(got)
+        return got
 
-    def batch(self, step: int) -> StepBatch:
-        got = self._collect(step)
+    def _score(self, got: _Sampled) -> Rollout:
         start = time.perf_counter()
         scores = score(self.source.scorer, flatten(got.groups), self.source.prompts.columns)
-        score_s = time.perf_counter() - start
-        first = shape_round(Rollout(got.groups, scores, got.wait_s, score_s), self.config)
-        return sample_batch(
-            self.source, self.config, self.params, step, prefetched=(first, (got.wait_s, score_s))
-        )
+        return Rollout(got.groups, scores, got.wait_s, time.perf_counter() - start)
+
+    def _take(self, step: int) -> _Sampled:
+        """The batch of `step`, collected and scored (waiting for the worker if need be)."""
+        if step in self.collected:  # restored from a checkpoint (scored now), or collected for one
+            got = self.collected.pop(step)
+            got.scores = got.scores or self._score(got)
+            return got
+        start = time.perf_counter()
+        self.pending.pop(step)
+        got = self.ready.pop(step).result()
+        got.wait_s = time.perf_counter() - start  # what the trainer waited for it
+        return got
+
+    def batch(self, step: int) -> StepBatch:
+        got = self._take(step)
+        first = shape_round(got.scores, self.config)
+        seconds = (got.wait_s, got.scores.score_s)
+        return sample_batch(self.source, self.config, self.params, step, prefetched=(first, seconds))
 
     def after_update(self, step: int, policy: torch.nn.Module) -> None:
         self.engine.publish(merged_weights(policy), step)
         self._fill(step + self.k + 1)
 
     def in_flight(self) -> list[dict]:
-        for step in sorted(self.pending):
-            self.collected[step] = self._collect(step)
+        for step in sorted(self.ready):
+            self.pending.pop(step, None)
+            self.collected[step] = self.ready.pop(step).result()
         return [_saved(step, got) for step, got in sorted(self.collected.items())]
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -68,6 +69,9 @@ class ProcessEngine:
         }  # host shared memory, whatever the policy's device
         self.version, self._unacked, self._next_id = 0, 0, 0
         self._waiting: dict[int, tuple[int, list[list[Completion]]]] = {}
+        # Thread-safe: the trainer and a worker thread (rl/schedule.py) call it at once. One thread at a time
+        # reads the pipe; whatever it reads for another thread's request waits in _waiting.
+        self._lock = threading.RLock()
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
         config = getattr(policy, "config", None)
@@ -87,34 +91,39 @@ class ProcessEngine:
 
     def submit(self, prompts: list[list[int]], params: SamplingParams) -> int:
         """Queue a generation; returns its id for `collect`. It runs after everything sent before it."""
-        self._next_id += 1
-        self._send(("generate", self._next_id, prompts, params))
-        return self._next_id
+        with self._lock:
+            self._next_id += 1
+            self._send(("generate", self._next_id, prompts, params))
+            return self._next_id
 
     def collect(self, request: int) -> tuple[int, list[list[Completion]]]:
         """(the weights version that sampled it, its groups), waiting for it if need be."""
-        while request not in self._waiting:
-            self._receive()
-        return self._waiting.pop(request)
+        while True:
+            with self._lock:
+                if request in self._waiting:
+                    return self._waiting.pop(request)
+                self._receive()
 
     def publish(self, policy_weights: Iterator[tuple[str, torch.Tensor]], version: int) -> None:
         """Make `version` the weights of every generation submitted from now on: written into the shared copy
         once the engine has loaded the previous one, then loaded by the engine in request order."""
-        while self._unacked:
-            self._receive()
-        with torch.no_grad():
-            for name, tensor in policy_weights:
-                self.shared[name].copy_(tensor.detach())
-        if torch.cuda.is_available():  # every copy (and cast) out of the trainer's GPU has landed
-            torch.cuda.synchronize()
-        self.version = version
-        self._unacked += 1
-        self._send(("load", version))
+        with self._lock:
+            while self._unacked:
+                self._receive()
+            with torch.no_grad():
+                for name, tensor in policy_weights:
+                    self.shared[name].copy_(tensor.detach())
+            if torch.cuda.is_available():  # every copy (and cast) out of the trainer's GPU has landed
+                torch.cuda.synchronize()
+            self.version = version
+            self._unacked += 1
+            self._send(("load", version))
 
     def label(self, version: int) -> None:
         """Call the engine's current weights `version` (a resumed run starts from version = its step)."""
-        self.version = version
-        self._send(("label", version))
+        with self._lock:
+            self.version = version
+            self._send(("label", version))
 
     # -------------------------------------------------------------------------------------- protocol
 
