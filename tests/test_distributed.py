@@ -212,7 +212,7 @@ def _sync_rank(rank: int, port: int, scenario: str, results) -> None:
     engine.__dict__.update(
         llm=_StubLLM(fail_after=2 if fails and scenario == "mid-generator" else None, fail_wake=fails),
         on_cpu=True, local_rank=rank, engine_dtype=torch.bfloat16, _fused={}, _failure=None,
-        _asleep=scenario == "wake", _kv_asleep=False, _weights_discarded=False,
+        _asleep=scenario == "wake", _kv_asleep=False, _weights_discarded=False, lora_adapter=False,
     )  # fmt: skip
     try:
         if scenario == "start-up":
