@@ -152,11 +152,16 @@ def sample_batch(
 def _sample_round(
     source: Sampler, rows: list[int], params: SamplingParams, config: Config
 ) -> tuple[Round, tuple[float, float]]:
-    """One round: generate and score `rows` (every rank together), then shape and mask the rewards."""
+    """One round: generate and score `rows` (every rank together), then shape and mask the rewards. An engine
+    that decodes in batches (the transformers engine) is given one at a time, and each batch's groups are
+    scored while the next is generated."""
+    size = source.engine.batch_size
+    per_call = max(1, size // params.n) if size else None  # the engine's own batches: the same samples
     with source.dist.together("sampling and scoring"):
         sampled = sample_and_score(
-            source.prompts, source.engine, source.scorer, rows, params, generation=source.generation
-        )
+            source.prompts, source.engine, source.scorer, rows, params, generation=source.generation,
+            per_call=per_call, overlap=True,
+        )  # fmt: skip
     return shape_round(sampled, config), (sampled.sample_s, sampled.score_s)
 
 

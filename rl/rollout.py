@@ -21,12 +21,14 @@ import inspect
 import math
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rewards import RewardResult, RewardScorer
+from rewards.scoring import Scope
 from rl.data import PromptSet
 from rl.trajectory import Trajectory, flatten
 from rollouts.base import Completion, RolloutEngine, SamplingParams
@@ -109,37 +111,57 @@ def generate(
     per_call: int | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> list[list[Trajectory]]:
-    """`params.n` trajectories of each of `rows`, one group per row. `per_call` rows go to the engine at a
-    time (None: all in one call), the seed moved on by each call's offset, so row i keeps the stream
-    `seed + i` the protocol promises; `advance(n)` hears of each call's n rows (a progress bar)."""
-    groups: list[list[Trajectory]] = []
+    """`params.n` trajectories of each of `rows`, one group per row (`parts`, joined)."""
+    return [g for part in parts(prompts, engine, rows, params, per_call, advance) for g in part]
+
+
+def parts(
+    prompts: PromptSet,
+    engine: RolloutEngine,
+    rows: list[int],
+    params: SamplingParams,
+    per_call: int | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> Iterator[list[list[Trajectory]]]:
+    """The groups of `rows`, `per_call` rows at a time as the engine finishes them (None: all in one call),
+    the seed moved on by each call's offset, so row i keeps the stream `seed + i` the protocol promises;
+    `advance(n)` hears of each call's n rows (a progress bar)."""
     step = per_call or max(len(rows), 1)
     for start in range(0, len(rows), step):
         part = rows[start : start + step]
         seed = None if params.seed is None else params.seed + start
-        groups += _engine_generate(engine, prompts, part, dataclasses.replace(params, seed=seed))
+        yield _engine_generate(engine, prompts, part, dataclasses.replace(params, seed=seed))
         if advance is not None:
             advance(len(part))
-    return groups
 
 
-def score(scorer: RewardScorer, trajectories: list[Trajectory], names: list[str]) -> RewardResult:
+def score(
+    scorer: RewardScorer, trajectories: list[Trajectory], names: list[str], scope: Scope | None = None
+) -> RewardResult:
     """Score trajectories with the reward functions (TRL's contract: prompts, completions, a list per column
-    in `names`; with an environment also `environments` and its own scores, `environment_reward`); fills each
-    one's `scores`, `reward` (the weighted total) and `correct`. A trajectory whose environment failed is left
-    unscored (NaN), whatever the functions said."""
+    in `names`; with an environment also `environments` and its own scores, `environment_reward`) and fill
+    each one's `scores`, `reward` (the weighted total) and `correct` (`fill`). With a `scope` (rewards/scoring.py:
+    the per-group or the batch-level rewards only) the result is a part, for `RewardScorer.combine`, and
+    nothing is filled."""
     values = {k: [t.row.get(k) for t in trajectories] for k in names}
     if any(t.environment is not None for t in trajectories):
         values["environments"] = [t.environment for t in trajectories]
         values["environment_reward"] = [t.env_reward for t in trajectories]
-    result = scorer([t.prompt for t in trajectories], [t.text for t in trajectories], values)
+    result = scorer([t.prompt for t in trajectories], [t.text for t in trajectories], values, scope=scope)
+    if scope is None:
+        fill(trajectories, result)
+    return result
+
+
+def fill(trajectories: list[Trajectory], result: RewardResult) -> None:
+    """Each trajectory's scores, total and verdict from the result; one whose environment failed is left
+    unscored (NaN), whatever the functions said."""
     for i, t in enumerate(trajectories):
         t.scores = {name: scores[i] for name, scores in result.per_function.items()}
         t.reward = result.total[i]
         t.correct = None if result.correct is None else result.correct[i]
         if t.error is not None:
             t.scores, t.reward, t.correct = dict.fromkeys(t.scores), math.nan, None
-    return result
 
 
 @dataclass
@@ -166,16 +188,41 @@ def sample_and_score(
     generation: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     per_call: int | None = None,
     advance: Callable[[int], None] | None = None,
+    overlap: bool = False,
 ) -> Rollout:
-    """`generate` inside `generation()` (the loop's: a sharded policy gathered whole, mixed precision), then
-    `score`."""
+    """`parts` inside `generation()` (the loop's: a sharded policy gathered whole, mixed precision), then
+    `score`. With `overlap`, each part's groups are scored by the per-group rewards as soon as the engine
+    returns them, while the next part is generated; the batch-level rewards then score the whole batch.
+    `score_s` is the scoring left after generation: what rewards add to the step."""
     start = time.perf_counter()
+    groups: list[list[Trajectory]] = []
+    scored: list[Future[RewardResult]] = []
     with generation():
-        groups = generate(prompts, engine, rows, params, per_call=per_call, advance=advance)
+        for part in parts(prompts, engine, rows, params, per_call, advance):
+            groups += part
+            if overlap:
+                scored.append(_scoring().submit(score, scorer, flatten(part), prompts.columns, "group"))
     sample_s = time.perf_counter() - start
     start = time.perf_counter()
-    result = score(scorer, flatten(groups), prompts.columns)
+    if overlap:
+        batch = score(scorer, flatten(groups), prompts.columns, "batch") if scorer.batch_level else None
+        result = scorer.combine([f.result() for f in scored], batch)
+        fill(flatten(groups), result)
+    else:
+        result = score(scorer, flatten(groups), prompts.columns)
     return Rollout(groups, result, sample_s, time.perf_counter() - start)
+
+
+_SCORER: ThreadPoolExecutor | None = None
+
+
+def _scoring() -> ThreadPoolExecutor:
+    """One long-lived worker thread scoring parts beside generation (the math reward's processes live as long
+    as the thread that started them)."""
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aha-score")
+    return _SCORER
 
 
 def tool_context(config: Config) -> int:

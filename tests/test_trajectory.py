@@ -125,3 +125,45 @@ def test_no_import_cycle_among_the_project_s_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_each_engine_batch_is_scored_while_the_next_is_generated():
+    import threading
+
+    from rewards import registry
+    from rl.rollout import sample_and_score
+    from rollouts import Completion, SamplingParams
+
+    first_scored = threading.Event()
+
+    class TwoBatches:  # an engine that decodes two prompts at a time, as the transformers engine batches
+        shares_policy, batch_size, standalone, summary = True, 2, {}, ""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def generate(self, prompts, params):
+            self.calls += 1
+            if self.calls == 2:  # the first batch's groups must have been scored by now
+                assert first_scored.wait(10), "the first batch was not scored beside generation"
+            return [[Completion([1], [0.0], "stop", "<answer>11</answer>")] for _ in prompts]
+
+    def marks(prompts, completions, **columns):
+        first_scored.set()
+        return [float(len(completions))] * len(completions)
+
+    registry._REGISTRY.pop("test_marks_parts", None)
+    registry.register_reward("test_marks_parts")(marks)
+    prompts = PromptSet(
+        [{"prompt": "q", "answer": a} for a in ("11", "22", "11", "22")], ["q"] * 4, [[7]] * 4, ["answer"]
+    )
+    with RewardScorer([RewardSpec("math"), RewardSpec("test_marks_parts", weight=0.0)]) as scorer:
+        rollout = sample_and_score(
+            prompts, TwoBatches(), scorer, [0, 1, 2, 3], SamplingParams(n=1, max_new_tokens=4), per_call=2,
+            overlap=True,
+        )  # fmt: skip
+    assert [t.scores["test_marks_parts"] for t in rollout.trajectories] == [
+        2.0
+    ] * 4  # called per engine batch
+    assert [t.correct for t in rollout.trajectories] == [True, False, True, False]  # each with its own row
+    assert rollout.scores.per_function["math"] == [1.0, 0.0, 1.0, 0.0]
