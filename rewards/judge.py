@@ -1,8 +1,7 @@
 """The ``judge`` reward: an LLM grades each completion through an OpenAI-compatible endpoint.
 
-Why score this: some tasks have no checker (helpfulness, style, a proof's rigour), and a strong model asked a
-precise question is the closest thing. It is also the easiest reward to hack (the policy learns what the judge
-likes), so prefer a rule-based reward where one exists and keep the judge's question narrow.
+For tasks with no checker (helpfulness, style, a proof's rigour); the easiest reward to hack, so prefer a
+rule-based one where it exists and keep the judge's question narrow.
 
 One request per completion, made concurrently on the endpoint's ``max_concurrency`` threads (shared by every
 call in the process, so the bound holds when groups are judged at once), with greedy sampling (temperature 0

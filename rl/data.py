@@ -49,7 +49,8 @@ def load_rows(
 
     source: `builtin:arithmetic` or `builtin:tool_arithmetic` (the tiny models' synthetic tasks; train and
             test never overlap),
-            a preset (`gsm8k`, `math`, `math_l3to5`, `math500`, `aime24`, `amc23`, `mbpp`), a reasoning-gym
+            a preset (`gsm8k`, `math`, `math_l3to5`, `math500`, `aime24`, `aime25`, `amc23`, `minerva_math`,
+            `olympiadbench`, `mbpp`), a reasoning-gym
             task (`gym:countdown`, `gym:gsm_symbolic?difficulty=2`, ...), a hub dataset id (`owner/name`,
             `owner/name:config`) or a local .jsonl/.json/.parquet file.
     Presets and gym tasks come normalised to `prompt` + `answer` (+ task fields). For hub ids and files,

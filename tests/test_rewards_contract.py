@@ -49,6 +49,9 @@ def call(name, completions, columns, **options):
 
 def test_the_builtins_are_registered():
     assert set(BUILTINS) <= set(registered_names())
+    # model-based and environment rewards: their own tests (test_rewards_judge, test_reward_model,
+    # test_environments) score them against a real server, a local model and environments
+    assert {"judge", "reward_model", "environment"} <= set(registered_names())
 
 
 @pytest.mark.parametrize("name", BUILTINS)
