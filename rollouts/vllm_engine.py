@@ -23,22 +23,32 @@ refuses further calls instead of hanging (vLLM's in-process engine does not reco
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import os
-import platform
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from rl.distributed import vote_before_collectives
 from rl.weights import has_sharded_parameters, weight_makers
 from rollouts.base import Completion, EngineError, SamplingParams
+from rollouts.vllm_support import (
+    UnloadedWeights,
+    WeightStream,
+    cap_running_sequences,
+    describe,
+    fused_shard_names,
+    kv_cache_summary,
+    missing_shards,
+    prompt_seed,
+    quiet_reload_warnings,
+    request_amx_permission,
+    sampled_logprobs,
+    vllm_lora_rank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +119,7 @@ class VLLMEngine:
         self._lora_dirs: list[str] = []
         self.lora_adapter = bool(lora_rank) and lora_sync == "adapter"
         if self.lora_adapter:
-            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank), max_loras=1)
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         if logits_dtype == "float32" and dtype != "float32":
             # The LM head's logits in float32 as the trainer computes them; vLLM's own comment calls it
             # required for RL training-inference consistency. On CUDA a bf16 GEMM with a float32 output.
@@ -125,13 +135,11 @@ class VLLMEngine:
                 kwargs.pop(key)
             self.llm = self._start(vllm, kwargs)
         self.engine_dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
-        self.running_limit = _cap_running_sequences(self.llm, kwargs)
-        self.summary = (
-            _kv_cache_summary(self.llm, kwargs) + f", decoding at most {self.running_limit} at once"
-        )
+        self.running_limit = cap_running_sequences(self.llm, kwargs)
+        self.summary = kv_cache_summary(self.llm, kwargs) + f", decoding at most {self.running_limit} at once"
         logger.info("%s", self.summary)
         self.flat_logprobs = "flat_logprobs" in getattr(vllm.SamplingParams, "__struct_fields__", ())
-        _quiet_reload_warnings()
+        quiet_reload_warnings()
         self._check_device()
         self._fused = self._fused_shards()
         self._warm_up(model_path)
@@ -156,7 +164,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
         )
         if self.on_cpu:
-            _request_amx_permission()
+            request_amx_permission()
             # On CPU gpu_memory_utilization would mean "fraction of RAM"; a fixed KV-cache size is clearer.
             # A VLLM_CPU_KVCACHE_SPACE set in the environment still wins (vLLM reads it itself).
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_gib * 2**30
@@ -182,7 +190,7 @@ class VLLMEngine:
         try:
             return vllm.LLM(**kwargs)
         except Exception as err:
-            raise EngineError(f"vLLM could not start on {kwargs['model']!r}: {_describe(err)}") from err
+            raise EngineError(f"vLLM could not start on {kwargs['model']!r}: {describe(err)}") from err
         finally:
             torch.set_num_threads = set_num_threads
 
@@ -191,7 +199,7 @@ class VLLMEngine:
         weights it did not receive covers whole parameters only: a fused weight missing one shard is loaded
         with that shard left as freshly allocated memory, silently."""
         try:
-            return self.llm.apply_model(_fused_shard_names)[0]
+            return self.llm.apply_model(fused_shard_names)[0]
         except Exception as err:  # an engine whose model cannot be reached: the whole-parameter check only
             logger.warning("cannot list the engine's fused weights (%s): only whole weights are checked", err)
             return {}
@@ -246,7 +254,7 @@ class VLLMEngine:
         copies, n = (params.n, 1) if greedy else (1, params.n)
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts for _ in range(copies)]
         sampling = [
-            self._sampling_params(params, n, _prompt_seed(params.seed, i)) for i in range(len(requests))
+            self._sampling_params(params, n, prompt_seed(params.seed, i)) for i in range(len(requests))
         ]
         lora = {"lora_request": self._lora} if self._lora is not None else {}
         try:
@@ -259,7 +267,7 @@ class VLLMEngine:
         except EngineError:
             raise
         except Exception as err:
-            self._failure = _describe(err)
+            self._failure = describe(err)
             raise EngineError(f"vLLM failed while sampling: {self._failure}") from err
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
@@ -289,7 +297,7 @@ class VLLMEngine:
             raise EngineError("vLLM returned no log-prob for some sampled tokens")
         return Completion(
             token_ids=ids,
-            logprobs=_sampled_logprobs(out.logprobs, ids) if with_logprobs else [],
+            logprobs=sampled_logprobs(out.logprobs, ids) if with_logprobs else [],
             finish_reason=out.finish_reason,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
         )
@@ -312,15 +320,15 @@ class VLLMEngine:
                 self._load_adapter(policy)
                 self._wake_kv_cache()
             except Exception as err:
-                self._failure = _describe(err)
+                self._failure = describe(err)
                 raise EngineError(f"vLLM could not load the new adapter: {self._failure}") from err
             return
         makers = weight_makers(policy, self.engine_dtype, merge=False) if adapter else self._weights(policy)
-        sent = _WeightStream(makers, self.engine_dtype)
+        sent = WeightStream(makers, self.engine_dtype)
         try:
-            with _UnloadedWeights() as unloaded:
+            with UnloadedWeights() as unloaded:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": sent})
-            missing = sorted(unloaded.names) + _missing_shards(self._fused, sent.names)
+            missing = sorted(unloaded.names) + missing_shards(self._fused, sent.names)
             if missing:
                 raise EngineError(
                     f"the weight sync left engine parameters without a new tensor: {missing}. They would "
@@ -332,7 +340,7 @@ class VLLMEngine:
             self._wake_kv_cache()
         except Exception as err:
             sent.drain()  # the other ranks' gathers (FSDP full_tensor) go on: join them all, then fail
-            self._failure = str(err) if isinstance(err, EngineError) else _describe(err)
+            self._failure = str(err) if isinstance(err, EngineError) else describe(err)
             raise EngineError(
                 f"vLLM could not load the new weights: {self._failure}. In-place reload needs a vLLM with "
                 "reload_weights(weights_iterator=...) (tested: 0.26 on CUDA, 0.32 on CPU)"
@@ -386,7 +394,7 @@ class VLLMEngine:
         try:
             self.llm.sleep(level=self.sleep_level)
         except Exception as err:
-            self._failure = _describe(err)
+            self._failure = describe(err)
             raise EngineError(
                 f"vLLM could not go to sleep (level {self.sleep_level}): {self._failure}"
             ) from err
@@ -407,7 +415,7 @@ class VLLMEngine:
         try:
             self.llm.wake_up(tags=["weights"])
         except Exception as err:
-            self._failure = _describe(err)
+            self._failure = describe(err)
             raise EngineError(f"vLLM could not wake up: {self._failure}") from err
         self._asleep = False
 
@@ -463,176 +471,5 @@ def _import_vllm() -> Any:
                 "; the registry's torchvision/torchaudio/torchcodec wheels do not load beside a CPU torch: "
                 "`pip uninstall -y torchvision torchaudio torchcodec` (text models do not need them)"
             )
-        raise EngineError(f"vLLM is installed but fails to import: {_describe(err)}{hint}") from err
+        raise EngineError(f"vLLM is installed but fails to import: {describe(err)}{hint}") from err
     return vllm
-
-
-def _request_amx_permission() -> None:
-    """Let this process use Intel AMX tiles, which vLLM's bfloat16 CPU attention kernel runs on.
-
-    Linux hands AMX state to a process only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM). vLLM 0.32 run
-    in-process does not ask, and its first bfloat16 attention call died with SIGILL (measured on a Xeon with
-    AMX). Asking twice is harmless; where AMX does not exist the call just fails.
-    """
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return
-    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata)
-
-
-def _vllm_lora_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts (its max_lora_rank choices) that holds `rank`."""
-    return next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-
-
-def _prompt_seed(seed: int | None, index: int) -> int | None:
-    """The request seed of prompt `index`: a hash of seed + index, the protocol's per-prompt seed.
-
-    Hashing (not seed + index itself) because vLLM seeds the j-th of a request's n samples with seed + j:
-    consecutive seeds would make prompts share random streams. Hashing the sum keeps what the protocol
-    promises: prompt i's samples depend only on seed + i, so a data-parallel rank whose call starts at
-    global position k (seed + k) samples what one process would.
-    """
-    if seed is None:
-        return None
-    return int(np.random.SeedSequence(seed + index).generate_state(1)[0])
-
-
-def _describe(err: BaseException) -> str:
-    """`Type: message` on one line, cut at 500 characters (vLLM's messages can run to pages)."""
-    text = " ".join(str(err).split()) or "(no message)"
-    return f"{type(err).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
-
-
-def _fused_shard_names(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Run inside vLLM (`LLM.apply_model`): each parameter of a fused layer (the model's
-    `packed_modules_mapping`, e.g. qkv_proj -> q_proj, k_proj, v_proj) -> its shards' checkpoint names.
-
-        {"model.layers.0.self_attn.qkv_proj.weight": ["model.layers.0.self_attn.q_proj.weight", ...]}
-    """
-    packed = getattr(model, "packed_modules_mapping", None) or {}
-    fused = {}
-    for name, _ in model.named_parameters():
-        module, _, leaf = name.replace(".base_layer.", ".").rpartition(".")
-        prefix, _, layer = module.rpartition(".")
-        if layer in packed:
-            fused[name] = [
-                f"{prefix}.{shard}.{leaf}" if prefix else f"{shard}.{leaf}" for shard in packed[layer]
-            ]
-    return fused
-
-
-def _missing_shards(fused: dict[str, list[str]], sent: set[str]) -> list[str]:
-    """The shards of fused parameters that received some shards but not all (`sent`: the names the sync
-    sent). A fused parameter that received none is in vLLM's own list of weights not loaded."""
-    missing = []
-    for shards in fused.values():
-        if any(s in sent for s in shards):
-            missing += [s for s in shards if s not in sent]
-    return sorted(missing)
-
-
-class _WeightStream:
-    """The sync's (name, tensor) iterator: each tensor made (gathered, merged) when vLLM asks for it and cast
-    to the engine's dtype; `names` records what was sent. `drain()` makes the rest, each with its errors
-    caught: a rank whose sync failed still joins the other ranks' gathers."""
-
-    def __init__(self, makers: Iterator[tuple[str, Callable[[], torch.Tensor]]], dtype: torch.dtype) -> None:
-        self.makers, self.dtype, self.names = iter(makers), dtype, set()
-
-    def __iter__(self) -> _WeightStream:
-        return self
-
-    def __next__(self) -> tuple[str, torch.Tensor]:
-        name, make = next(self.makers)
-        tensor = make().detach().to(self.dtype)
-        self.names.add(name)
-        return name, tensor
-
-    def drain(self) -> None:
-        for _, make in self.makers:
-            with contextlib.suppress(Exception):
-                make()
-
-
-class _UnloadedWeights(logging.Handler):
-    """Catches vLLM's "Following weights were not loaded from checkpoint: {...}" during a reload: vLLM only
-    logs it, and after a level-2 sleep such a weight holds garbage."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.names: set[str] = set()
-        self.logger = logging.getLogger("vllm")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "were not loaded" in str(record.msg) and record.args:
-            names = record.args[0] if isinstance(record.args, tuple) else record.args
-            self.names |= {str(n) for n in names} if isinstance(names, set | list | tuple) else {str(names)}
-
-    def __enter__(self) -> _UnloadedWeights:
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-
-
-def _sampled_logprobs(logprobs: Any, ids: list[int]) -> list[float]:
-    """The sampled tokens' log-probs from vLLM's per-position output: a `FlatLogprobs` (flat lists, each
-    position's entries from start_indices[i]; with logprobs=0 the sampled token is the only one) or a list of
-    {token id: Logprob} dicts."""
-    if hasattr(logprobs, "start_indices"):
-        starts, tokens, values = logprobs.start_indices, logprobs.token_ids, logprobs.logprobs
-        if any(tokens[s] != t for s, t in zip(starts, ids, strict=True)):
-            raise EngineError("vLLM's flat log-probs do not start with the sampled tokens")
-        return [float(values[s]) for s in starts]
-    return [float(step[tok].logprob) for step, tok in zip(logprobs, ids, strict=True)]
-
-
-def _cap_running_sequences(llm: Any, kwargs: dict[str, Any]) -> int:
-    """Decode at most as many sequences at once as the KV cache holds at full length (`max_model_len`), and
-    at most `max_num_seqs`: more would only be preempted and recomputed. Sets the in-process scheduler's
-    limit (vLLM v1's `Scheduler.max_num_running_reqs`); returns the limit in force."""
-    limit = kwargs["max_num_seqs"]
-    cache = llm.llm_engine.vllm_config.cache_config
-    tokens = (getattr(cache, "num_gpu_blocks", None) or 0) * cache.block_size
-    fits = tokens // kwargs["max_model_len"] if kwargs.get("max_model_len") else 0
-    if not 0 < fits < limit:
-        return limit
-    try:
-        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-        scheduler.max_num_running_reqs = fits
-        if hasattr(scheduler, "max_num_active_reqs"):
-            scheduler.max_num_active_reqs = min(scheduler.max_num_active_reqs, fits)
-    except AttributeError:  # another vLLM layout: it preempts instead
-        return limit
-    return fits
-
-
-def _kv_cache_summary(llm: Any, kwargs: dict[str, Any]) -> str:
-    """What vLLM made of its memory budget: the KV cache in tokens (and so how many full-length sequences
-    fit), with the batch limits that shape its memory profile."""
-    cache = llm.llm_engine.vllm_config.cache_config
-    blocks = getattr(cache, "num_gpu_blocks", None) or 0
-    tokens = blocks * cache.block_size
-    seqs = tokens / kwargs["max_model_len"] if kwargs.get("max_model_len") else float("nan")
-    return (
-        f"vLLM engine: KV cache {tokens} tokens ({seqs:.0f} sequences of {kwargs.get('max_model_len')} tokens), "
-        f"max_num_seqs {kwargs.get('max_num_seqs')}, max_num_batched_tokens {kwargs.get('max_num_batched_tokens')}"
-    )
-
-
-class _DropRotaryReloadWarning(logging.Filter):
-    """vLLM warns on every reload that the rotary embedding 'failed to load': it has no weights to load."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.getMessage().startswith("RotaryEmbedding") and "Failed to load" in record.getMessage()
-        )
-
-
-def _quiet_reload_warnings() -> None:
-    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
-        reload_logger.addFilter(_DropRotaryReloadWarning())

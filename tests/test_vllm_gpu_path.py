@@ -8,6 +8,7 @@ float32 logits passed through, FlashInfer's sampler off, log-probs asked for onl
 from __future__ import annotations
 
 import sys
+import threading
 import types
 from types import SimpleNamespace
 
@@ -256,6 +257,7 @@ def test_publish_synchronises_the_gpu_before_the_engine_loads(monkeypatch):
     engine = ProcessEngine.__new__(ProcessEngine)
     engine.shared = {"w": torch.zeros(3, dtype=torch.bfloat16)}
     engine.version, engine._unacked = 0, 0
+    engine._lock = threading.RLock()  # ProcessEngine's pipe lock (its __init__ is skipped)
     monkeypatch.setattr(engine, "_send", lambda message: events.append(message[0]), raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
