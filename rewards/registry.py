@@ -94,20 +94,31 @@ def resolve_reward(name: str) -> RewardEntry:
             f"unknown reward {name!r}. Built-in rewards: {', '.join(builtin)}{also}. "
             "For your own function, use 'package.module:function'."
         )
-    module_name, _, attr = name.partition(":")
-    obj: Any = import_reward_module(name, module_name)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RewardError(
-                f"reward {name!r}: module {module_name!r} has no attribute {attr!r}{_shadow_note(module_name)}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RewardError(f"reward {name!r} is a {type(obj).__name__}, not a function")
+    obj = import_object(name)
     for entry in _REGISTRY.values():  # a function its module registered keeps its accuracy flag
         if entry.fn is obj:
             return RewardEntry(name, obj, entry.accuracy, entry.preflight)
     return RewardEntry(name, obj)
+
+
+def import_object(name: str, kind: str = "reward") -> Any:
+    """The callable a ``"pkg.module:attr.path"`` names (a reward, a tool, an environment class: `kind` says
+    which, in the errors), its module imported as ``import_reward_module`` does; RewardError when it cannot
+    be imported, has no such attribute, or is not callable."""
+    module_name, _, attr = name.partition(":")
+    try:
+        obj: Any = import_reward_module(name, module_name)
+    except RewardError as err:
+        raise RewardError(str(err).replace("reward", kind, 1)) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(
+                f"{kind} {name!r}: module {module_name!r} has no attribute {attr!r}{_shadow_note(module_name)}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"{kind} {name!r} is a {type(obj).__name__}, not a function")
+    return obj
 
 
 def import_reward_module(name: str, module_name: str) -> Any:

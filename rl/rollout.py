@@ -333,20 +333,13 @@ def with_environment(engine: RolloutEngine, tokenizer: Any, config: Config) -> E
 
 def resolve_environment(name: str) -> Callable[..., object]:
     """The environment class named `module:Class` (imported as reward paths are), checked for a reset method."""
-    from rewards.registry import RewardError, import_reward_module
+    from rewards.registry import RewardError, import_object
     from rollouts.environments import EnvironmentSetupError
 
-    module_name, _, attr = name.partition(":")
     try:
-        obj: Any = import_reward_module(name, module_name)
+        obj = import_object(name, "environment")
     except RewardError as err:
-        raise EnvironmentSetupError(str(err).replace("reward", "environment", 1)) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise EnvironmentSetupError(
-                f"environment {name!r}: module {module_name!r} has no attribute {attr!r}"
-            )
-        obj = getattr(obj, part)
+        raise EnvironmentSetupError(str(err)) from None
     if not callable(getattr(obj, "reset", None)):
         raise EnvironmentSetupError(
             f"environment {name!r} has no reset method: an environment needs reset(**row) -> str | None "

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams
-from rollouts.multiturn import ToolRollout
+from rollouts.multiturn import EngineWrapper, ToolRollout
 from rollouts.tools import Observation, PendingCall, collect
 
 RESERVED = ("reset", "respond", "get_reward", "close")
@@ -238,7 +238,7 @@ class Sampled:
     prompts: list[list[int]]  # each trajectory's prompt ids (the row's, or with reset()'s text)
 
 
-class EnvironmentRollout:
+class EnvironmentRollout(EngineWrapper):
     """An engine with one environment instance per trajectory (see the module docstring)."""
 
     def __init__(
@@ -251,12 +251,11 @@ class EnvironmentRollout:
         timeout_s: float = 30.0,
         max_chars: int = 2000,
     ) -> None:
-        self.engine, self.tokenizer, self.factory = engine, tokenizer, factory
+        super().__init__(engine)
+        self.tokenizer, self.factory = tokenizer, factory
         self.kwargs = dict(kwargs or {})
         self.max_turns, self.timeout_s, self.max_chars = max_turns, timeout_s, max_chars
         self.turns = ToolRollout(engine, tokenizer)
-        self.shares_policy, self.batch_size = engine.shares_policy, engine.batch_size
-        self.standalone, self.summary = engine.standalone, engine.summary
 
     def sample(
         self,
@@ -299,18 +298,6 @@ class EnvironmentRollout:
         sampled = self.sample(prompts, [{} for _ in prompts], params, lambda row, text: [])
         flat = sampled.completions
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
-
-    def update_weights(self, policy: Any) -> None:
-        self.engine.update_weights(policy)
-
-    def sleep(self) -> None:
-        self.engine.sleep()
-
-    def wake(self) -> None:
-        self.engine.wake()
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 class _Ended:

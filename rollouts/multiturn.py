@@ -143,7 +143,29 @@ class _Sequence:
     )
 
 
-class ToolRollout:
+class EngineWrapper:
+    """The engine protocol around an engine: what a wrapper (tool calls, environments) does not change is
+    the engine's."""
+
+    def __init__(self, engine: RolloutEngine) -> None:
+        self.engine = engine
+        self.shares_policy, self.batch_size = engine.shares_policy, engine.batch_size
+        self.standalone, self.summary = engine.standalone, engine.summary
+
+    def update_weights(self, policy: torch.nn.Module) -> None:
+        self.engine.update_weights(policy)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class ToolRollout(EngineWrapper):
     """The rollout protocol with multi-turn episodes around an engine (see the module docstring): tool calls as
     `tools:` configures them (`generate`), or any episodes (`run`, used for environments)."""
 
@@ -155,10 +177,8 @@ class ToolRollout:
         markers: Markers | None = None,
         max_calls: int = 0,
     ) -> None:
-        self.engine, self.tokenizer, self.toolbox, self.markers = engine, tokenizer, toolbox, markers
-        self.max_calls = max_calls
-        self.shares_policy, self.batch_size = engine.shares_policy, engine.batch_size
-        self.standalone, self.summary = engine.standalone, engine.summary
+        super().__init__(engine)
+        self.tokenizer, self.toolbox, self.markers, self.max_calls = tokenizer, toolbox, markers, max_calls
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, columns: list[dict] | None = None
@@ -286,19 +306,6 @@ class ToolRollout:
             tool_errors=s.errors,
             error=s.failure,
         )
-
-    # the rest of the protocol is the engine's
-    def update_weights(self, policy: torch.nn.Module) -> None:
-        self.engine.update_weights(policy)
-
-    def sleep(self) -> None:
-        self.engine.sleep()
-
-    def wake(self) -> None:
-        self.engine.wake()
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def _open_call(text: str, markers: Markers) -> str | None:

@@ -50,20 +50,12 @@ def resolve_tool(name: str) -> ToolFn:
         raise ToolError(
             f"unknown tool {name!r}; built-in tools: {', '.join(sorted(_TOOLS))}, or 'module:function'"
         )
-    from rewards.registry import RewardError, import_reward_module
+    from rewards.registry import RewardError, import_object
 
-    module_name, _, attr = name.partition(":")
     try:
-        obj: Any = import_reward_module(name, module_name)
+        return import_object(name, "tool")
     except RewardError as err:
-        raise ToolError(str(err).replace("reward", "tool", 1)) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ToolError(f"tool {name!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ToolError(f"tool {name!r} is a {type(obj).__name__}, not a function")
-    return obj
+        raise ToolError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------- built-ins

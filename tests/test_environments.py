@@ -177,10 +177,12 @@ def test_environment_reward_scores_with_the_others_and_reward_functions_receive_
 
     from rewards import registry
 
-    registry._REGISTRY.pop("test_env_seen", None)
     registry.register_reward("test_env_seen")(seen)
-    with RewardScorer([RewardSpec("environment"), RewardSpec("test_env_seen", weight=0.1)]) as scorer:
-        result = score(scorer, group, ["answer"])
+    try:
+        with RewardScorer([RewardSpec("environment"), RewardSpec("test_env_seen", weight=0.1)]) as scorer:
+            result = score(scorer, group, ["answer"])
+    finally:
+        registry._REGISTRY.pop("test_env_seen")
     assert [t.scores for t in group] == [{"environment": 1.0, "test_env_seen": 1.0},
                                          {"environment": 0.0, "test_env_seen": 3.0}]  # fmt: skip
     assert [t.reward for t in group] == pytest.approx([1.1, 0.3])
@@ -193,7 +195,7 @@ def test_environment_reward_scores_with_the_others_and_reward_functions_receive_
 def test_an_environment_is_named_by_import_path_and_refused_where_it_cannot_run():
     assert resolve_environment("tests.toy_envs:GuessGame") is toy_envs.GuessGame
     with pytest.raises(EngineError, match="no reset method"):
-        resolve_environment("tests.toy_envs:time")
+        resolve_environment("tests.test_environments:_tok")
     with pytest.raises(ConfigError, match="module:Class"):
         load_config(None, ["environment.name=GuessGame"])
     with pytest.raises(ConfigError, match="asynchronous rollouts"):

@@ -164,7 +164,8 @@ def test_configuration_errors_are_never_zeroed():
 
 def test_unknown_reward_lists_the_builtins():
     with pytest.raises(
-        RewardError, match=r"unknown reward 'maths'\. Built-in rewards: code, countdown, format, math[ .]"
+        RewardError,
+        match=r"unknown reward 'maths'\. Built-in rewards: code, countdown, environment, format, judge, math, reward_model[ .]",
     ):
         RewardScorer([RewardSpec("maths")])
 

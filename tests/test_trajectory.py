@@ -152,16 +152,18 @@ def test_each_engine_batch_is_scored_while_the_next_is_generated():
         first_scored.set()
         return [float(len(completions))] * len(completions)
 
-    registry._REGISTRY.pop("test_marks_parts", None)
     registry.register_reward("test_marks_parts")(marks)
     prompts = PromptSet(
         [{"prompt": "q", "answer": a} for a in ("11", "22", "11", "22")], ["q"] * 4, [[7]] * 4, ["answer"]
     )
-    with RewardScorer([RewardSpec("math"), RewardSpec("test_marks_parts", weight=0.0)]) as scorer:
-        rollout = sample_and_score(
-            prompts, TwoBatches(), scorer, [0, 1, 2, 3], SamplingParams(n=1, max_new_tokens=4), per_call=2,
-            overlap=True,
-        )  # fmt: skip
+    try:
+        with RewardScorer([RewardSpec("math"), RewardSpec("test_marks_parts", weight=0.0)]) as scorer:
+            rollout = sample_and_score(
+                prompts, TwoBatches(), scorer, [0, 1, 2, 3], SamplingParams(n=1, max_new_tokens=4), per_call=2,
+                overlap=True,
+            )  # fmt: skip
+    finally:
+        registry._REGISTRY.pop("test_marks_parts")
     assert [t.scores["test_marks_parts"] for t in rollout.trajectories] == [
         2.0
     ] * 4  # called per engine batch
