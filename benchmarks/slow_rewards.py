@@ -1,7 +1,7 @@
 """What a slow, I/O-bound reward (an HTTP judge) adds to the default run's step: plain and `async def`,
 on-policy and with rollout.max_staleness=1, all in one run.
 
-    python benchmarks/slow_rewards.py [--steps 12] [--wait 0.2] [--json PATH]
+    python benchmarks/slow_rewards.py [--steps 12] [--wait 0.2] [--staleness 0,1,2] [--json PATH]
 
 Each case runs `aha train` (the default recipe, eval off) with the math reward plus, in all but the baseline,
 a reward of weight 0 whose every call waits `--wait` seconds (L) and scores 0: `plain` sleeps in a plain
@@ -9,7 +9,9 @@ function (aha runs it in a thread), `async` awaits asyncio.sleep in an `async de
 `perf/step_s` of the steps after the first two, and what the slow reward adds to it, in units of L, against
 the baseline of the same schedule measured in the same run (the machines are shared and noisy).
 Targets (issue 25): at most 1.5 L per step on-policy, however many groups a step has; under 0.25 L with
-rollout.max_staleness=1, where batches are collected and scored beside generation (rl/schedule.py).
+rollout.max_staleness=1, where batches are collected and scored beside generation (rl/schedule.py). Sampled
+ahead, scoring hides only in the slack: a batch is scored once the engine has generated it, so what is left
+on the step is about max(0, generation + L - update) (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -79,15 +81,16 @@ def main() -> None:
     parser.add_argument(
         "--wait", type=float, default=0.2, help="L: seconds each call of the slow reward waits"
     )
+    parser.add_argument("--staleness", default="0,1", help="rollout.max_staleness values, comma-separated")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for staleness in (0, 1):
+        for staleness in [int(k) for k in args.staleness.split(",")]:
             times = {
                 case: step_time(args.steps, staleness, fn, args.wait, Path(tmp)) for case, fn in CASES.items()
             }
-            label = "on-policy" if staleness == 0 else "max_staleness=1"
+            label = "on-policy" if staleness == 0 else f"max_staleness={staleness}"
             figures[label] = {"step_s": times}
             print(f"{label}: {times['none']:.2f} s/step without the slow reward", flush=True)
             for case in ("plain", "async"):
