@@ -70,7 +70,8 @@ class ProcessEngine:
         self.version, self._unacked, self._next_id = 0, 0, 0
         self._waiting: dict[int, tuple[int, list[list[Completion]]]] = {}
         # Thread-safe: the trainer and a worker thread (rl/schedule.py) call it at once. One thread at a time
-        # reads the pipe; whatever it reads for another thread's request waits in _waiting.
+        # reads the pipe, and only what is there to read; whatever it reads for another thread's request waits
+        # in _waiting. Waiting for a message takes no lock.
         self._lock = threading.RLock()
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
@@ -97,12 +98,22 @@ class ProcessEngine:
             return self._next_id
 
     def collect(self, request: int) -> tuple[int, list[list[Completion]]]:
-        """(the weights version that sampled it, its groups), waiting for it if need be."""
+        """(the weights version that sampled it, its groups), waiting for it if need be. The wait holds no
+        lock: the trainer may publish and submit while a worker thread waits here for a batch."""
         while True:
             with self._lock:
                 if request in self._waiting:
                     return self._waiting.pop(request)
-                self._receive()
+                if self._conn.poll(0):
+                    self._receive()
+                    continue
+            self._await_message()
+
+    def _await_message(self) -> None:
+        """Wait, without the lock, until there is a message to read (another thread may read it first)."""
+        while not self._conn.poll(0.05):
+            if not self._process.is_alive():
+                raise EngineError(f"the rollout engine process died (exit code {self._process.exitcode})")
 
     def publish(self, policy_weights: Iterator[tuple[str, torch.Tensor]], version: int) -> None:
         """Make `version` the weights of every generation submitted from now on: written into the shared copy
