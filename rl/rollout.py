@@ -240,6 +240,7 @@ def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRol
     from rollouts.tools import Toolbox, resolve_tool
 
     tools = config.tools
+    _check_tools(tools.use)
     toolbox = Toolbox(
         {spec.name: resolve_tool(spec.name) for spec in tools.use},
         {spec.name: dict(spec.kwargs) for spec in tools.use},
@@ -259,6 +260,16 @@ def with_tools(engine: RolloutEngine, tokenizer: Any, config: Config) -> ToolRol
         for spec in tools.use
     }  # fmt: skip
     return ToolRollout(engine, tokenizer, toolbox, markers, tools.max_calls)
+
+
+def _check_tools(specs: list) -> None:
+    """What a tool needs, checked when the run starts rather than at every call: the `python` tool's sandbox
+    (bwrap, and its read_only_paths)."""
+    from rewards.sandbox import check_sandbox
+
+    for spec in specs:
+        if spec.name == "python":
+            check_sandbox(read_only_paths=spec.kwargs.get("read_only_paths"))
 
 
 class ToolsEnvironment:

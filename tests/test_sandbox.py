@@ -794,3 +794,13 @@ def test_smoke_test_reports_the_interpreter_it_could_not_start(tmp_python, monke
 def test_smoke_test_error_blames_user_namespaces_only_for_namespace_errors(stderr, expected, unexpected):
     message = sandbox._smoke_test_error(RunResult(returncode=1, stdout=b"", stderr=stderr), "/x/bin/python")
     assert stderr.decode() in message and expected in message and unexpected not in message
+
+
+def test_the_python_tool_s_read_only_paths_are_checked_when_the_run_starts():
+    from rl.config import load_config
+    from rl.rollout import with_tools
+    from tests.test_tools import CharTokenizer
+
+    config = load_config(None, ["tools.use=[{name: python, kwargs: {read_only_paths: [/no/such/dir]}}]"])
+    with pytest.raises(RewardError, match="/no/such/dir, which does not exist"):
+        with_tools(object(), CharTokenizer(), config)  # before any engine is asked for anything
