@@ -167,14 +167,15 @@ def _sample_round(
 
 def shape_round(sampled: Rollout, config: Config) -> Round:
     """A round from scored trajectories: overlong shaping of each reward, and which enter the loss."""
-    algo = config.algorithm
-    for t in sampled.trajectories:
-        if algo.overlong_buffer:
-            penalty = overlong_penalty(
-                torch.tensor([t.model_tokens]), config.rollout.max_new_tokens, algo.overlong_buffer,
-                algo.overlong_penalty,
-            )  # fmt: skip
-            t.reward += float(penalty[0])
+    algo, trajectories = config.algorithm, sampled.trajectories
+    if algo.overlong_buffer and trajectories:
+        lengths = torch.tensor([t.model_tokens for t in trajectories])
+        penalties = overlong_penalty(
+            lengths, config.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
+        ).tolist()
+        for t, penalty in zip(trajectories, penalties, strict=True):
+            t.reward += penalty
+    for t in trajectories:
         t.trainable = t.scored and not (algo.overlong_filter and t.finish_reason == "length")
     return Round(sampled.groups, sampled.scores)
 

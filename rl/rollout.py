@@ -278,7 +278,6 @@ class ToolsEnvironment:
     built-ins); the tool gets its options and the row's columns, as in the marker format."""
 
     def __init__(self, toolbox: Toolbox) -> None:
-        self._toolbox = toolbox
         self._row: dict = {}
         for name, fn in toolbox.tools.items():
             setattr(self, name, types.MethodType(_tool_method(fn, toolbox.options.get(name, {})), self))
@@ -302,12 +301,14 @@ def _first_parameter(fn: Callable[..., Any]) -> str:
     return next(iter(inspect.signature(fn).parameters), "call")
 
 
-def tool_schemas(toolbox_specs: list, resolve: Callable[[str], Callable[..., Any]]) -> list[dict]:
+def tool_schemas(specs: list) -> list[dict]:
     """JSON schemas of `tools:` tools for a chat template: each one's name, its docstring's first paragraph,
     and its one string argument."""
+    from rollouts.tools import resolve_tool
+
     schemas = []
-    for spec in toolbox_specs:
-        fn = resolve(spec.name)
+    for spec in specs:
+        fn = resolve_tool(spec.name)
         doc = (inspect.getdoc(fn) or spec.name).split("\n\n")[0].replace("\n", " ")
         arg = _first_parameter(fn)
         parameters = {"type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}
@@ -324,13 +325,12 @@ def prompt_tools(config: Config) -> list | None:
     """What a chat template renders into each prompt for the model to call: an environment's tool methods,
     or the JSON schemas of `tools:` with `tools.format: json`; None otherwise."""
     from rollouts.environments import tool_methods
-    from rollouts.tools import resolve_tool
 
     if config.environment.name:
         env = resolve_environment(config.environment.name)(**config.environment.kwargs)
         return list(tool_methods(env).values()) or None
     if config.tools.use and config.tools.format == "json":
-        return tool_schemas(config.tools.use, resolve_tool)
+        return tool_schemas(config.tools.use)
     return None
 
 

@@ -23,19 +23,16 @@ JSON, an unknown tool, wrong arguments) or a tool method that raises is an error
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import math
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams
 from rollouts.multiturn import EngineWrapper, ToolRollout
-from rollouts.tools import Observation, PendingCall, collect
+from rollouts.tools import Observation, PendingCall, collect, start_call
 
 RESERVED = ("reset", "respond", "get_reward", "close")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
@@ -53,56 +50,6 @@ def tool_methods(env: object) -> dict[str, Callable[..., Any]]:
         for name, member in inspect.getmembers(env, predicate=inspect.ismethod)
         if not name.startswith("_") and name not in RESERVED
     }
-
-
-# ------------------------------------------------------------------------------------ calls with deadlines
-class _Loop:
-    """One daemon thread running an event loop, for the environments' `async def` methods."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True, name="aha-environments").start()
-
-
-_LOOP: _Loop | None = None
-_LOCK = threading.Lock()
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    global _LOOP
-    with _LOCK:
-        if _LOOP is None:
-            _LOOP = _Loop()
-    return _LOOP.loop
-
-
-def start_call(
-    fn: Callable[..., Any],
-    kwargs: dict,
-    timeout_s: float,
-    wrap: Callable[[Any], Observation],
-    late: Observation,
-) -> PendingCall:
-    """Call `fn(**kwargs)` now, in a daemon thread or (an `async def`) on the environments' event loop, where
-    it is cancelled at its deadline; its value becomes `wrap(value)`, an exception an error observation of the
-    same kind as `late` (ending the episode when `late` does)."""
-    pending = PendingCall(time.monotonic() + timeout_s, late)
-
-    def failed(err: BaseException) -> Observation:
-        return Observation(f"error: {type(err).__name__}: {str(err)[:300]}", True, late.end)
-
-    def settle(get: Callable[[], Any]) -> None:
-        try:
-            pending.set(wrap(get()))
-        except Exception as err:  # noqa: BLE001 - the environment's code may raise anything
-            pending.set(failed(err))
-
-    if inspect.iscoroutinefunction(fn):
-        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(fn(**kwargs), timeout_s), _loop())
-        future.add_done_callback(lambda f: None if f.cancelled() else settle(f.result))
-    else:
-        threading.Thread(target=settle, args=(lambda: fn(**kwargs),), daemon=True).start()
-    return pending
 
 
 def call_now(fn: Callable[..., Any], kwargs: dict, timeout_s: float, what: str) -> Any:

@@ -15,6 +15,9 @@ thread until the process ends: the rollout does not wait for it. Observations ar
 from __future__ import annotations
 
 import ast
+import asyncio
+import functools
+import inspect
 import operator
 import threading
 import time
@@ -153,30 +156,25 @@ class Toolbox:
         return self.finish([self.start(call, columns) for call, columns in calls])
 
     def start(self, call: str, columns: dict, name: str | None = None) -> PendingCall:
-        """Start one call now, in a daemon thread, with tool `name` (default: the first); `finish` collects it."""
+        """Start one call now with tool `name` (default: the first), to its deadline (`start_call`);
+        `finish` collects it."""
         name = name or next(iter(self.tools))
         late = Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
-        pending = PendingCall(time.monotonic() + self.timeout_s, late)
-        fn = self.tools[name]
-        threading.Thread(target=self._call, args=(fn, name, call, columns, pending), daemon=True).start()
-        return pending
+        fn, options = self.tools[name], self.options.get(name, {})
+
+        def invoke(**columns: Any) -> Any:
+            return fn(call, **options, **columns)
+
+        return start_call(invoke, columns, self.timeout_s, functools.partial(self._observation, name), late)
 
     def finish(self, calls: list[PendingCall]) -> list[Observation]:
         """The started calls' observations (`collect`)."""
         return collect(calls)
 
-    def _call(self, fn: ToolFn, name: str, call: str, columns: dict, pending: PendingCall) -> None:
-        try:
-            value = fn(call, **self.options.get(name, {}), **columns)
-        except Exception as err:  # the model's call was bad, or the tool failed: the model reads why
-            pending.set(Observation(f"error: {type(err).__name__}: {str(err)[:200]}", True))
-            return
+    def _observation(self, name: str, value: Any) -> Observation:
         if not isinstance(value, str):
-            pending.set(
-                Observation(f"error: the {name} tool returned {type(value).__name__}, not text", True)
-            )
-            return
-        pending.set(Observation(value if len(value) <= self.max_chars else value[: self.max_chars] + "..."))
+            return Observation(f"error: the {name} tool returned {type(value).__name__}, not text", True)
+        return Observation(value if len(value) <= self.max_chars else value[: self.max_chars] + "...")
 
 
 @dataclass
@@ -207,3 +205,57 @@ def collect(calls: list[PendingCall]) -> list[Observation]:
     for pending in calls:
         pending.done.wait(max(0.0, pending.deadline - time.monotonic()))
     return [pending.result or pending.late for pending in calls]
+
+
+class _Loop:
+    """One daemon thread running an event loop, for `async def` tools and environment methods."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="aha-calls").start()
+
+
+_LOOP: _Loop | None = None
+_LOCK = threading.Lock()
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    global _LOOP
+    with _LOCK:
+        if _LOOP is None:
+            _LOOP = _Loop()
+    return _LOOP.loop
+
+
+def start_call(
+    fn: Callable[..., Any],
+    kwargs: dict,
+    timeout_s: float,
+    wrap: Callable[[Any], Observation],
+    late: Observation,
+) -> PendingCall:
+    """Call `fn(**kwargs)` now, in a daemon thread or (an `async def`) on one event loop thread, where it is
+    cancelled at its deadline; `collect` gathers it. Its value becomes `wrap(value)`; an exception (bad
+    arguments included) an error observation that ends the episode when `late` does."""
+    pending = PendingCall(time.monotonic() + timeout_s, late)
+
+    def failed(err: BaseException) -> Observation:
+        return Observation(f"error: {type(err).__name__}: {str(err)[:200]}", True, late.end)
+
+    def settle(get: Callable[[], Any]) -> None:
+        try:
+            pending.set(wrap(get()))
+        except Exception as err:  # noqa: BLE001 - the model's call was bad, or the tool failed: it reads why
+            pending.set(failed(err))
+
+    if not inspect.iscoroutinefunction(fn):
+        threading.Thread(target=settle, args=(lambda: fn(**kwargs),), daemon=True).start()
+        return pending
+    try:
+        coroutine = fn(**kwargs)  # wrong arguments raise here, in the caller's thread
+    except Exception as err:  # noqa: BLE001
+        pending.set(failed(err))
+        return pending
+    future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coroutine, timeout_s), _loop())
+    future.add_done_callback(lambda f: None if f.cancelled() else settle(f.result))
+    return pending

@@ -143,6 +143,15 @@ def test_a_trl_style_environment_runs_with_its_public_methods_as_tools():
     assert (t.tool_calls, t.tool_errors, t.turns, t.error) == (5, 3, 6, None)
 
 
+def test_an_async_tool_called_with_wrong_arguments_is_an_error_observation_not_a_crash():
+    calls = ['<tool_call>{"name": "increment", "arguments": {"b": 1}}</tool_call>',
+             '<tool_call>{"name": "increment", "arguments": {"a": 3}}</tool_call>', "done<eos>"]  # fmt: skip
+    (group,), _ = _rollout(toy_envs.AsyncCounter, calls, [{"prompt": "1", "answer": "0"}], max_turns=8)
+    responses = _inserted_text(group[0]).split("</tool_response>")
+    assert "TypeError" in responses[0] and "\n3\n" in responses[1]
+    assert (group[0].tool_calls, group[0].tool_errors) == (2, 1)
+
+
 def test_tool_calls_are_parsed_as_the_qwen_chat_format_writes_them():
     assert parse_tool_call('x <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>') == (
         "f",

@@ -137,3 +137,16 @@ class Echo:
     def respond(self, turn: str) -> str | None:
         self.turns += 1
         return f"<<{self.turns}:{len(turn)}>>" if self.turns < 3 else None
+
+
+class AsyncCounter(Counter):
+    """Counter with an `async def` tool."""
+
+    async def increment(self, a: int) -> int:
+        """Increment the integer by a specified value.
+
+        Args:
+            a: The value to increment by
+        """
+        self._counter += a
+        return self._counter
