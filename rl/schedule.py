@@ -84,7 +84,6 @@ class Ahead:
     ) -> None:  # fmt: skip
         self.source, self.engine, self.config, self.params = source, engine, config, params
         self.k = config.rollout.max_staleness
-        self.pending: dict[int, tuple[list[int], int]] = {}  # step -> (rows, request)
         self.collected = {s["step"]: _restore(s, source.prompts) for s in saved}
         # One worker collects and scores each batch as the engine returns it (the math reward's processes live
         # as long as the thread that started them: one long-lived worker); the engine is thread-safe.
@@ -96,15 +95,14 @@ class Ahead:
     def _fill(self, up_to: int) -> None:
         """Submit the batches of every step up to `up_to` (and the run's last) not yet submitted, and have the
         worker collect and score each."""
-        last = max([0, *self.pending, *self.collected, *self.ready])
+        last = max([0, *self.collected, *self.ready])
         for step in range(last + 1, min(up_to, self.config.train.steps) + 1):
             rows = self.source.order.next_batch(self.config.train.prompts_per_step)
             params = dataclasses.replace(self.params, seed=round_seed(self.config.train.seed, step, 0))
             request = self.engine.submit([self.source.prompts.ids[r] for r in rows], params)
-            self.pending[step] = (rows, request)
-            self.ready[step] = self.worker.submit(self._collect_and_score, step, rows, request)
+            self.ready[step] = self.worker.submit(self._collect_and_score, rows, request)
 
-    def _collect_and_score(self, step: int, rows: list[int], request: int) -> _Sampled:
+    def _collect_and_score(self, rows: list[int], request: int) -> _Sampled:
         start = time.perf_counter()
         version, sampled = self.engine.collect(request)
         groups = [
@@ -127,7 +125,6 @@ class Ahead:
             got.scores = got.scores or self._score(got)
             return got
         start = time.perf_counter()
-        self.pending.pop(step)
         got = self.ready.pop(step).result()
         got.wait_s = time.perf_counter() - start  # what the trainer waited for it
         return got
@@ -144,7 +141,6 @@ class Ahead:
 
     def in_flight(self) -> list[dict]:
         for step in sorted(self.ready):
-            self.pending.pop(step, None)
             self.collected[step] = self.ready.pop(step).result()
         return [_saved(step, got) for step, got in sorted(self.collected.items())]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from rollouts.base import Completion, EngineError, RolloutEngine, SamplingParams
 from rollouts.multiturn import EngineWrapper, ToolRollout
-from rollouts.tools import Observation, PendingCall, collect, start_call
+from rollouts.tools import Observation, PendingCall, collect, cut, start_call
 
 RESERVED = ("reset", "respond", "get_reward", "close")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
@@ -127,6 +127,7 @@ class EnvEpisode:
     def __post_init__(self) -> None:
         self.tools = tool_methods(self.env)
         self.responds = callable(getattr(self.env, "respond", None))
+        self.tool_turn = False  # whether the turn being answered called a tool (its output is a tool turn)
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -139,7 +140,8 @@ class EnvEpisode:
     def start(self, text: str, segment: str, calls: int) -> PendingCall | None:
         if calls >= self.max_turns - 1:
             return PendingCall.ready(Observation("", end=True))  # the turn limit: the episode ends, no error
-        if self.tools and segment.rstrip().endswith(CALL_END):
+        self.tool_turn = bool(self.tools) and segment.rstrip().endswith(CALL_END)
+        if self.tool_turn:
             return self._call_tool(segment)
         late = Observation(f"error: respond took over {self.timeout_s:g} s", True, True)
         return start_call(self.env.respond, {"turn": segment}, self.timeout_s, _reply, late)
@@ -153,13 +155,12 @@ class EnvEpisode:
             known = ", ".join(sorted(self.tools))
             return PendingCall.ready(Observation(f"error: unknown tool {name!r} (tools: {known})", True))
         late = Observation(f"error: the {name} tool took over {self.timeout_s:g} s", True)
-        wrap = lambda value: Observation(_cut(str(value), self.max_chars))  # noqa: E731
+        wrap = lambda value: Observation(cut(str(value), self.max_chars))  # noqa: E731
         return start_call(self.tools[name], arguments, self.timeout_s, wrap, late)
 
     def format(self, observation: Observation) -> str:
-        if self.tools and not self.responds:
-            return tool_response(self.tokenizer, observation.text)
-        return observation.text
+        """A tool's output in the chat template's tool turn; a reply to a plain turn as it is."""
+        return tool_response(self.tokenizer, observation.text) if self.tool_turn else observation.text
 
 
 def _reply(value: Any) -> Observation:
@@ -169,10 +170,6 @@ def _reply(value: Any) -> Observation:
     if not isinstance(value, str):
         return Observation(f"error: respond returned {type(value).__name__}, not text or None", True, True)
     return Observation(value)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---------------------------------------------------------------------------------------------- the rollout

@@ -174,7 +174,12 @@ class Toolbox:
     def _observation(self, name: str, value: Any) -> Observation:
         if not isinstance(value, str):
             return Observation(f"error: the {name} tool returned {type(value).__name__}, not text", True)
-        return Observation(value if len(value) <= self.max_chars else value[: self.max_chars] + "...")
+        return Observation(cut(value, self.max_chars))
+
+
+def cut(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters (marked with "...") when longer."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass

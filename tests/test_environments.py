@@ -152,6 +152,13 @@ def test_an_async_tool_called_with_wrong_arguments_is_an_error_observation_not_a
     assert (group[0].tool_calls, group[0].tool_errors) == (2, 1)
 
 
+def test_an_environment_with_tools_and_replies_formats_each_as_its_kind():
+    call = '<tool_call>{"name": "increment", "arguments": {"a": 2}}</tool_call>'
+    (group,), _ = _rollout(toy_envs.CounterWithFeedback, [call, "5;", "6;"], [{"prompt": "1", "answer": "0"}])
+    assert _inserted_text(group[0]) == "\n<tool_response>\n2\n</tool_response>\n[again]"
+    assert group[0].turns == 3
+
+
 def test_tool_calls_are_parsed_as_the_qwen_chat_format_writes_them():
     assert parse_tool_call('x <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>') == (
         "f",

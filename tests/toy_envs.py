@@ -150,3 +150,17 @@ class AsyncCounter(Counter):
         """
         self._counter += a
         return self._counter
+
+
+class CounterWithFeedback(Counter):
+    """Tools and replies in one environment: a turn that ends at `;` without a call gets feedback once."""
+
+    stop = (";",)
+
+    def reset(self, **kwargs: object) -> None:
+        super().reset()
+        self.replies = 0
+
+    def respond(self, turn: str) -> str | None:
+        self.replies += 1
+        return "[again]" if self.replies == 1 else None
