@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rewards.registry import RewardError, on_close, register_reward, resolve_reward
-from rewards.text import as_text, prompt_text
+from rewards.text import render_template
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +205,8 @@ def _parser(cfg: JudgeConfig) -> Callable[[str], float | None]:
 
 
 def render(template: str, prompt: Any, completion: Any, row: dict[str, Any]) -> str:
-    """The judge's request text for one completion.
-
-    Example: ``render("{prompt} -> {completion} (gold {answer})", "1+1?", "2", {"answer": "2"})``
-    -> ``"1+1? -> 2 (gold 2)"``.
-    """
-    try:
-        return template.format_map({**row, "prompt": prompt_text(prompt), "completion": as_text(completion)})
-    except (KeyError, AttributeError, IndexError) as e:
-        raise RewardError(
-            f"judge reward: the template names {e}, which is neither prompt, completion nor a dataset column "
-            f"(columns: {sorted(row)})"
-        ) from None
+    """The judge's request text for one completion (`rewards.text.render_template`)."""
+    return render_template(template, prompt, completion, row, "judge reward")
 
 
 def request_body(cfg: JudgeConfig, text: str, max_tokens: int | None = None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rewards.registry import RewardError, register_reward
-from rewards.text import as_text, prompt_text
+from rewards.text import as_text, prompt_text, render_template
 
 _MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
@@ -100,15 +100,7 @@ def pair_text(tokenizer: Any, prompt: Any, completion: Any, template: str | None
     Example (no chat template, no ``template``): ``pair_text(tok, "2+2=", "4", None, {})`` -> ``"2+2=4"``.
     """
     if template is not None:
-        try:
-            return template.format_map(
-                {**row, "prompt": prompt_text(prompt), "completion": as_text(completion)}
-            )
-        except (KeyError, AttributeError, IndexError) as e:
-            raise RewardError(
-                f"reward_model: the template names {e}, which is neither prompt, completion nor a dataset "
-                f"column (columns: {sorted(row)})"
-            ) from None
+        return render_template(template, prompt, completion, row, "reward_model")
     if not getattr(tokenizer, "chat_template", None):
         return prompt_text(prompt) + as_text(completion)
     chat = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt_text(prompt)}]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from rewards.registry import RewardError
+
 
 def as_text(item: Any) -> str:
     """A completion or prompt as plain text.
@@ -66,3 +68,19 @@ def last_tag_content(text: str, tag: str) -> str | None:
     """
     matches = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
     return matches[-1].strip() if matches else None
+
+
+def render_template(template: str, prompt: Any, completion: Any, row: dict[str, Any], who: str) -> str:
+    """`template` filled with `{prompt}` (the prompt's text), `{completion}` and the row's columns (model-based
+    rewards' request text); a field that is none of these is a RewardError naming `who` and the columns.
+
+    Example: ``render_template("{prompt} -> {completion} (gold {answer})", "1+1?", "2", {"answer": "2"}, "judge")``
+    -> ``"1+1? -> 2 (gold 2)"``.
+    """
+    try:
+        return template.format_map({**row, "prompt": prompt_text(prompt), "completion": as_text(completion)})
+    except (KeyError, AttributeError, IndexError) as e:
+        raise RewardError(
+            f"{who}: the template names {e}, which is neither prompt, completion nor a dataset column "
+            f"(columns: {sorted(row)})"
+        ) from None
